@@ -1,0 +1,40 @@
+"""paddle_qat: quantization-aware training for PaddlePaddle fleet, exported for TensorRT.
+
+``import paddle_qat`` then ``strategy.qat = True`` is all a fleet static-graph training script
+needs. Importing this package keeps Paddle on its legacy program IR (see
+:mod:`paddle_qat.legacy_ir`) and replaces fleet's QAT meta-optimizer with ours.
+"""
+
+from .legacy_ir import ensure_legacy_ir
+
+ensure_legacy_ir()
+
+from .build_strategy import disable_qat_incompatible_fusions, qat_build_strategy  # noqa: E402
+from .config import QATConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    LegacyIRRequiredError,
+    QATConfigError,
+    QATError,
+    ScaleError,
+    UnsupportedOpError,
+)
+from .fleet_patch import configure, install  # noqa: E402
+from .passes import QuantizationSummary, quantize_program  # noqa: E402
+
+install()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QATConfig",
+    "QuantizationSummary",
+    "configure",
+    "quantize_program",
+    "qat_build_strategy",
+    "disable_qat_incompatible_fusions",
+    "QATError",
+    "QATConfigError",
+    "LegacyIRRequiredError",
+    "UnsupportedOpError",
+    "ScaleError",
+]

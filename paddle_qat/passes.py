@@ -1,0 +1,259 @@
+"""Insert Q/DQ into a legacy-IR program with Paddle's ``paddle.static.quantization`` passes.
+
+Paddle's passes do the rewriting; this module decides which ones run and fixes what they get
+wrong for deployment:
+
+* the residual-add pass runs on every sub-graph (``quant_aware`` in Paddle 3.3.1 applies it
+  to the last one only);
+* per-channel weight scales run along the output-channel axis of each op, including a
+  ``matmul``/``matmul_v2`` that transposes its weight (Paddle uses axis 1 regardless);
+* every new quant variable gets an initializer in the startup program, so running the
+  startup program in any scope prepares the quantized program;
+* quantizing an eval program never overwrites scales that training already learnt.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import WEIGHT_OP_AXES, QATConfig
+from .errors import QATError
+from .legacy_ir import require_legacy_program
+
+QUANT_OP_TYPES = ("quantize_linear", "dequantize_linear")
+_WEIGHT_SLOT = {
+    "conv2d": "Filter",
+    "depthwise_conv2d": "Filter",
+    "conv2d_transpose": "Filter",
+    "mul": "Y",
+    "matmul": "Y",
+    "matmul_v2": "Y",
+}
+
+
+@dataclass(frozen=True)
+class QuantizationSummary:
+    """What :func:`quantize_program` did, for logs and tests."""
+
+    quantized_ops: tuple[str, ...]  # "op_type:weight_name" of each op given Q/DQ
+    skipped_ops: tuple[str, ...]  # the same for quantizable ops left in float
+    scale_names: tuple[str, ...]  # every scale variable the program now reads
+
+
+def weight_axis(op) -> int:
+    """Output-channel axis of ``op``'s weight (a legacy ``Operator``)."""
+    axis = WEIGHT_OP_AXES[op.type]
+    transposed = (op.type == "matmul_v2" and op.attr("trans_y")) or (
+        op.type == "matmul" and op.attr("transpose_Y")
+    )
+    return 0 if transposed else axis
+
+
+def _weight_name(op, block) -> str | None:
+    slot = _WEIGHT_SLOT.get(op.type)
+    if slot is None or slot not in op.input_names or not op.input(slot):
+        return None
+    name = op.input(slot)[0]
+    var = block._find_var_recursive(name)
+    return name if var is not None and var.persistable else None
+
+
+def _mark_skipped(program, config: QATConfig) -> tuple[list[str], list[str]]:
+    quantized, skipped = [], []
+    for block in program.blocks:
+        for op in block.ops:
+            if op.type not in config.weight_op_types:
+                continue
+            weight = _weight_name(op, block)
+            if weight is None:
+                continue
+            scope_name = op.attr("op_namescope") if op.has_attr("op_namescope") else ""
+            skip = any(fnmatch.fnmatchcase(weight, p) for p in config.skip_weights) or any(
+                s in scope_name for s in config.skip_name_scopes
+            )
+            if skip:
+                op._set_attr("skip_quant", True)
+            (skipped if skip else quantized).append(f"{op.type}:{weight}")
+    return quantized, skipped
+
+
+def _scale_snapshot(scope) -> dict[str, np.ndarray]:
+    saved = {}
+    for name in scope.local_var_names():
+        if not name.endswith("@scale"):
+            continue
+        tensor = scope.find_var(name).get_tensor()
+        if tensor._is_initialized():
+            saved[name] = np.array(tensor)
+    return saved
+
+
+def _restore(scope, place, saved: dict[str, np.ndarray]) -> None:
+    for name, value in saved.items():
+        var = scope.find_var(name)
+        if var is not None:
+            var.get_tensor().set(value, place)
+
+
+def _apply_paddle_passes(program, config: QATConfig, scope, place, for_test: bool):
+    from paddle.base import core
+    from paddle.base.framework import IrGraph
+    from paddle.static.quantization.quantization_pass import (
+        AddQuantDequantForResidual,
+        AddQuantDequantPassV2,
+        OutScaleForTrainingPass,
+        QuantizationTransformPassV2,
+    )
+
+    graph = IrGraph(core.Graph(program.desc), for_test=for_test)
+    sub_graphs = list(graph.all_sub_graphs())
+    passes = [
+        QuantizationTransformPassV2(
+            scope=scope,
+            place=place,
+            weight_bits=config.weight_bits,
+            activation_bits=config.activation_bits,
+            activation_quantize_type=config.algo,
+            weight_quantize_type="channel_wise_abs_max" if config.channel_wise else "abs_max",
+            moving_rate=config.moving_rate,
+            skip_pattern=list(config.skip_name_scopes),
+            quantizable_op_type=list(config.weight_op_types),
+            is_test=for_test,
+        )
+    ]
+    if config.quantize_residual_add:
+        passes.append(AddQuantDequantForResidual(
+            scope=scope, place=place, quant_bits=config.activation_bits, is_test=for_test))
+    if config.activation_op_types:
+        passes.append(AddQuantDequantPassV2(
+            scope=scope,
+            place=place,
+            moving_rate=config.moving_rate,
+            quant_bits=config.activation_bits,
+            skip_pattern=list(config.skip_name_scopes),
+            quantizable_op_type=list(config.activation_op_types),
+            is_test=for_test,
+        ))
+    if config.collect_output_scales:
+        passes.append(OutScaleForTrainingPass(
+            scope=scope, place=place, moving_rate=config.moving_rate, is_test=for_test))
+    for quant_pass in passes:
+        for sub_graph in sub_graphs:
+            quant_pass.apply(sub_graph)
+    program._rebuild_from_desc(graph.to_program().desc)
+
+
+def _fix_weight_axes(program, scope, place) -> None:
+    """Move per-channel weight scales onto each consumer's output-channel axis."""
+    for block in program.blocks:
+        producers = {}
+        for op in block.ops:
+            if op.type in QUANT_OP_TYPES:
+                producers[op.output("Y")[0]] = op
+        for op in block.ops:
+            if op.type not in ("matmul", "matmul_v2"):
+                continue
+            dq = producers.get(op.input("Y")[0])
+            if dq is None or dq.type != "dequantize_linear" or dq.attr("quant_axis") < 0:
+                continue
+            q = producers.get(dq.input("X")[0])
+            if q is None:
+                continue
+            want = weight_axis(op)
+            if dq.attr("quant_axis") == want:
+                continue
+            weight = block._find_var_recursive(q.input("X")[0])
+            channels = weight.shape[want]
+            for quant_op in (q, dq):
+                quant_op._set_attr("quant_axis", want)
+                for slot in ("Scale", "ZeroPoint"):
+                    var = block._find_var_recursive(quant_op.input(slot)[0])
+                    var.desc.set_shape([channels])
+                    tensor = scope.find_var(var.name).get_tensor()
+                    old = np.array(tensor)
+                    tensor.set(np.full([channels], old.flat[0], dtype=old.dtype), place)
+
+
+def _add_startup_initializers(program, startup_program, scope) -> None:
+    """Give every quant variable of ``program`` an initializer in ``startup_program``."""
+    startup_block = startup_program.global_block()
+    for var in program.list_vars():
+        if not var.persistable or startup_block.has_var(var.name):
+            continue
+        is_quant_state = var.name.endswith(("@scale", "@zero_point")) or var.name.startswith(
+            ("state_", "accum_"))
+        if not is_quant_state:
+            continue
+        holder = scope.find_var(var.name)
+        if holder is None or not holder.get_tensor()._is_initialized():
+            continue
+        value = np.array(holder.get_tensor())
+        out = startup_block.create_var(
+            name=var.name, shape=var.shape, dtype=var.dtype, persistable=True)
+        if not np.all(value == value.flat[0]):
+            raise QATError(f"quant variable {var.name} has a non-uniform initial value")
+        startup_block.append_op(
+            type="fill_constant",
+            outputs={"Out": [out]},
+            attrs={"shape": list(value.shape), "dtype": out.dtype,
+                   "value": float(value.flat[0])},
+        )
+
+
+def is_quantized(program) -> bool:
+    return any(op.type in QUANT_OP_TYPES for block in program.blocks for op in block.ops)
+
+
+def quantize_program(
+    program,
+    config: QATConfig | None = None,
+    *,
+    startup_program=None,
+    scope=None,
+    place=None,
+    for_test: bool = False,
+) -> QuantizationSummary:
+    """Insert QAT Q/DQ ops into ``program`` in place and return what was quantized.
+
+    ``program`` may be a training program (with backward and optimizer ops) or an eval
+    program (``for_test=True``); quantize the eval program with the same config and it reads
+    the scale variables that training updates. New quant variables are created in ``scope``
+    (default: the global scope) and, when ``startup_program`` is given, get initializers there.
+
+    Example::
+
+        with paddle.static.program_guard(main, startup):
+            loss = build_net()
+            paddle.optimizer.Momentum(0.01).minimize(loss)
+        paddle_qat.quantize_program(main, QATConfig(), startup_program=startup)
+        paddle_qat.quantize_program(eval_prog, QATConfig(), for_test=True)
+    """
+    import paddle
+
+    require_legacy_program(program, "the program to quantize")
+    config = QATConfig() if config is None else config
+    if is_quantized(program):
+        raise QATError(
+            "the program already holds quantize_linear/dequantize_linear ops; quantize each "
+            "program once (for an eval program, quantize a clone taken before quantization)"
+        )
+    scope = paddle.static.global_scope() if scope is None else scope
+    place = paddle.framework._current_expected_place() if place is None else place
+
+    quantized, skipped = _mark_skipped(program, config)
+    saved_scales = _scale_snapshot(scope)
+    _apply_paddle_passes(program, config, scope, place, for_test)
+    _fix_weight_axes(program, scope, place)
+    _restore(scope, place, saved_scales)
+    if startup_program is not None:
+        _add_startup_initializers(program, startup_program, scope)
+    scales = sorted({
+        op.input("Scale")[0]
+        for block in program.blocks
+        for op in block.ops
+        if op.type in QUANT_OP_TYPES
+    })
+    return QuantizationSummary(tuple(quantized), tuple(skipped), tuple(scales))

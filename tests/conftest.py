@@ -1,0 +1,50 @@
+# ruff: noqa: I001  (paddle_qat is imported before paddle on purpose)
+import os
+
+import paddle_qat  # noqa: F401  (must come first: keeps Paddle on the legacy IR)
+import paddle
+import pytest
+
+paddle.enable_static()
+
+TWO_RANKS = {
+    "PADDLE_TRAINERS_NUM": "2",
+    "PADDLE_TRAINER_ENDPOINTS": "127.0.0.1:36001,127.0.0.1:36002",
+    "PADDLE_CURRENT_ENDPOINT": "127.0.0.1:36001",
+    "PADDLE_TRAINER_ID": "0",
+}
+
+
+@pytest.fixture
+def fresh_scope():
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        yield scope
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    for key in TWO_RANKS:
+        monkeypatch.delenv(key, raising=False)
+    from paddle.distributed import fleet
+
+    fleet.init(is_collective=True)
+    return fleet
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """A simulated 2-rank collective job; communicator init is stubbed (CPU build has no
+    c_gen_nccl_id), the main program's gradient all-reduce ops are real."""
+    for key, value in TWO_RANKS.items():
+        monkeypatch.setenv(key, value)
+    from paddle.distributed import fleet
+    from paddle.distributed.fleet.meta_optimizers import common
+
+    monkeypatch.setattr(common.CollectiveHelper, "_init_communicator",
+                        lambda self, *a, **k: None)
+    fleet.init(is_collective=True)
+    return fleet
+
+
+os.environ.setdefault("GLOG_minloglevel", "2")

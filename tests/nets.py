@@ -1,0 +1,48 @@
+"""Tiny static-graph networks and data, built in-process for the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import static
+
+IMAGE = 8
+CLASSES = 4
+
+
+def residual_cnn(image: int = IMAGE, classes: int = CLASSES, channels: int = 8):
+    """conv/bn/relu -> [conv/bn + identity] add/relu -> maxpool -> avgpool -> fc."""
+    x = static.data("image", [None, 3, image, image], "float32")
+    y = static.data("label", [None, 1], "int64")
+    stem = static.nn.batch_norm(static.nn.conv2d(x, channels, 3, padding=1, bias_attr=False),
+                                act="relu")
+    branch = static.nn.batch_norm(
+        static.nn.conv2d(stem, channels, 3, padding=1, bias_attr=False))
+    block_out = F.relu(paddle.add(branch, stem))
+    pooled = F.adaptive_avg_pool2d(F.max_pool2d(block_out, 2), 1)
+    logits = static.nn.fc(paddle.flatten(pooled, 1), classes)
+    loss = paddle.mean(F.cross_entropy(logits, y))
+    return x, y, logits, loss
+
+
+def build(net=residual_cnn, seed: int = 7):
+    """Fresh (main, startup, test, tensors) with the eval clone taken before any optimizer."""
+    main, startup = static.Program(), static.Program()
+    main.random_seed = startup.random_seed = seed
+    with static.program_guard(main, startup):
+        tensors = net()
+    return main, startup, main.clone(for_test=True), tensors
+
+
+def separable_batches(steps: int, batch: int = 16, seed: int = 0, image: int = IMAGE):
+    """Images whose class is the channel-and-quadrant with the brightest mean."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        labels = rng.integers(0, CLASSES, size=(batch, 1))
+        images = rng.normal(0, 0.3, size=(batch, 3, image, image)).astype("float32")
+        half = image // 2
+        for i, label in enumerate(labels[:, 0]):
+            r, c = divmod(int(label), 2)
+            images[i, label % 3, r * half:(r + 1) * half, c * half:(c + 1) * half] += 1.5
+        yield {"image": images, "label": labels.astype("int64")}
