@@ -26,10 +26,14 @@ def install() -> None:
 
     def checked_setter(self, configs):
         check_fleet_qat_configs(configs)
+        if "not_quant_pattern" in configs:
+            # fleet appends to this repeated field; a user assigning a list means "these".
+            del self.strategy.qat_configs.not_quant_pattern[:]
         fleet_property.fset(self, configs)
 
     strategy_cls.qat_configs = property(fleet_property.fget, checked_setter,
                                         doc=fleet_property.__doc__)
+    _guard_fleet_minimize()
     _installed = True
 
 
@@ -47,3 +51,23 @@ def configure(strategy, config: QATConfig) -> None:
     attach_config(strategy, config)
     strategy.qat = True
     strategy.qat_configs = fleet_dict(config)
+
+
+def _guard_fleet_minimize() -> None:
+    """Fail with LegacyIRRequiredError, not fleet's pybind TypeError, for QAT under PIR."""
+    import functools
+
+    from paddle.distributed.fleet.fleet import Fleet
+
+    from .legacy_ir import require_legacy_program
+
+    fleet_minimize = Fleet.minimize
+
+    @functools.wraps(fleet_minimize)
+    def minimize(self, loss, *args, **kwargs):
+        strategy = getattr(self, "_user_defined_strategy", None)
+        if strategy is not None and strategy.qat:
+            require_legacy_program(loss, "the loss passed to fleet minimize() with strategy.qat")
+        return fleet_minimize(self, loss, *args, **kwargs)
+
+    Fleet.minimize = minimize
