@@ -9,7 +9,10 @@ wrong for deployment:
   ``matmul``/``matmul_v2`` that transposes its weight (Paddle uses axis 1 regardless);
 * every new quant variable gets an initializer in the startup program, so running the
   startup program in any scope prepares the quantized program;
-* quantizing an eval program never overwrites scales that training already learnt.
+* quantizing an eval program never overwrites scales that training already learnt;
+* the integer range follows ``bit_length``: Paddle 3.3.1's quantize/dequantize kernels read
+  the range from the ``qmin``/``qmax`` attributes (default -128/127) and ignore
+  ``bit_length``, so without this ``weight_bits=4`` silently trains 8-bit.
 """
 
 from __future__ import annotations
@@ -177,6 +180,15 @@ def _fix_weight_axes(program, scope, place) -> None:
                     tensor.set(np.full([channels], old.flat[0], dtype=old.dtype), place)
 
 
+def _set_integer_ranges(program) -> None:
+    for block in program.blocks:
+        for op in block.ops:
+            if op.type in QUANT_OP_TYPES:
+                qmax = 2 ** (op.attr("bit_length") - 1) - 1
+                op._set_attr("qmax", qmax)
+                op._set_attr("qmin", -qmax - 1)
+
+
 def _add_startup_initializers(program, startup_program, scope) -> None:
     """Give every quant variable of ``program`` an initializer in ``startup_program``."""
     startup_block = startup_program.global_block()
@@ -247,6 +259,7 @@ def quantize_program(
     saved_scales = _scale_snapshot(scope)
     _apply_paddle_passes(program, config, scope, place, for_test)
     _fix_weight_axes(program, scope, place)
+    _set_integer_ranges(program)
     _restore(scope, place, saved_scales)
     if startup_program is not None:
         _add_startup_initializers(program, startup_program, scope)

@@ -8,7 +8,7 @@ from paddle import static
 import nets
 import paddle_qat
 from paddle_qat import QATConfig, QATError
-from program_tools import forward_ops, producers, quant_op_for
+from program_tools import fake_quant, forward_ops, producers, quant_op_for
 
 
 def _weighted(kind):
@@ -85,12 +85,25 @@ def test_name_scope_skip_and_weight_pattern_skip():
     assert quantized == ["backbone.w.quantized.dequantized"]
 
 
-def test_low_bit_weights_use_the_narrow_range(fresh_scope):
-    main, startup, test, (_, _, logits, _) = nets.build()
+def test_four_bit_weights_really_simulate_four_bits(fresh_scope):
+    """Paddle 3.3.1's kernels ignore bit_length; the pass must set the qmin/qmax range."""
+    _, startup, test, _ = nets.build()
+    exe = static.Executor(paddle.CPUPlace())
+    exe.run(startup)
     paddle_qat.quantize_program(test, QATConfig(weight_bits=4), for_test=True)
     (fc,) = forward_ops(test, "mul")
     q, dq = quant_op_for(test, fc, "Y")
     assert q.attr("bit_length") == dq.attr("bit_length") == 4
+    assert (q.attr("qmin"), q.attr("qmax")) == (-8, 7)
+    weight = np.array(fresh_scope.find_var("fc_0.w_0").get_tensor())
+    scale = np.abs(weight).max(axis=0).astype("float32")
+    fresh_scope.find_var(q.input("Scale")[0]).get_tensor().set(scale, paddle.CPUPlace())
+    feed = next(nets.separable_batches(1, batch=2))
+    (dequantized,) = exe.run(test, feed=feed, fetch_list=[dq.output("Y")[0]])
+    np.testing.assert_allclose(dequantized, fake_quant(weight, scale, bits=4, axis=1),
+                               rtol=1e-6, atol=1e-7)
+    for column in range(dequantized.shape[1]):
+        assert len(np.unique(dequantized[:, column])) <= 16
 
 
 def test_quantizing_twice_is_refused():

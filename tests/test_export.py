@@ -1,0 +1,250 @@
+"""QAT program -> ONNX Q/DQ -> ONNX Runtime computes what training simulated."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import paddle
+import pytest
+from onnx import helper, numpy_helper
+
+import nets
+import paddle_qat
+from paddle_qat.errors import QATError, ScaleError
+from paddle_qat.export import export_inference_model, export_onnx, read_quant_edges
+from paddle_qat.export.checker import check_model
+from program_tools import forward_ops
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A residual CNN trained 30 steps with fleet-equivalent QAT, its eval program and scope."""
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        main, startup, test, (image, _, logits, loss) = nets.build()
+        with paddle.static.program_guard(main, startup):
+            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
+        paddle_qat.quantize_program(main, startup_program=startup)
+        paddle_qat.quantize_program(test, for_test=True)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        for feed in nets.separable_batches(30):
+            exe.run(main, feed=feed)
+        path = tmp_path_factory.mktemp("export") / "model.onnx"
+        result = export_onnx(test, [image], [logits], path, scope=scope)
+    return dict(scope=scope, test=test, image=image, logits=logits, exe=exe, result=result)
+
+
+def _feed(images):
+    # the eval clone still computes the loss, so it needs a (dummy) label
+    return {"image": images, "label": np.zeros((len(images), 1), "int64")}
+
+
+def _paddle_logits(trained, images):
+    with paddle.static.scope_guard(trained["scope"]):
+        return trained["exe"].run(trained["test"], feed=_feed(images),
+                                  fetch_list=[trained["logits"]])[0]
+
+
+def test_onnx_runtime_agrees_with_paddle_simulated_quant_on_1024_inputs(trained):
+    session = ort.InferenceSession(str(trained["result"].path),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(123)
+    agree = total = 0
+    worst_steps = 0.0
+    out_scale = None
+    for index, feed in enumerate(nets.separable_batches(16, batch=64, seed=99)):
+        images = feed["image"]
+        if index % 2:  # half real-looking, half pure noise at a larger range
+            images = rng.normal(0, 1.5, size=images.shape).astype("float32")
+        expected = _paddle_logits(trained, images)
+        got = session.run(None, {"image": images})[0]
+        agree += int((expected.argmax(1) == got.argmax(1)).sum())
+        total += len(images)
+        # one quantization step of the output: the fc's activation x weight steps
+        out_scale = out_scale or np.abs(expected).max() / 127
+        worst_steps = max(worst_steps, float(np.abs(expected - got).max() / out_scale))
+    assert total >= 1000
+    assert agree / total >= 0.999, (agree, total)
+    assert worst_steps <= 2.0, worst_steps
+
+
+def test_every_simulated_qdq_is_exported_and_no_other(trained):
+    model = onnx.load(str(trained["result"].path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    onnx_quantized = collections.Counter()
+    for node in model.graph.node:
+        for name in node.input:
+            dq = producer.get(name)
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                onnx_quantized[node.op_type] += 1
+    paddle_edges = read_quant_edges(trained["test"], trained["scope"])
+    to_onnx = {"conv2d": "Conv", "mul": "MatMul", "elementwise_add": "Add"}
+    assert onnx_quantized == collections.Counter(to_onnx[e.consumer] for e in paddle_edges)
+    kinds = collections.Counter(n.op_type for n in model.graph.node)
+    assert kinds["DequantizeLinear"] == len(paddle_edges) == 7
+    assert kinds["QuantizeLinear"] == 4  # activations only; weights are int8 initializers
+
+
+def test_exported_model_follows_tensorrt_rules(trained):
+    model = onnx.load(str(trained["result"].path))
+    assert check_model(model) == []
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            consumer_types = {n.op_type for n in model.graph.node if node.output[0] in n.input}
+            assert axis == (0 if consumer_types == {"Conv"} else 1)
+            assert inits[node.input[0]].dtype == np.int8
+
+
+def test_paddle_inference_model_keeps_quant_ops(trained, tmp_path):
+    with paddle.static.scope_guard(trained["scope"]):
+        model_file, params_file = export_inference_model(
+            tmp_path / "qat", [trained["image"]], [trained["logits"]], trained["exe"],
+            trained["test"])
+        program, feeds, fetches = paddle.static.load_inference_model(
+            str(tmp_path / "qat"), trained["exe"])
+    types = [op.type for op in program.global_block().ops]
+    assert types.count("quantize_linear") == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.pdiparams", "qat.pdmodel"]
+
+
+def test_non_qat_program_is_refused(tmp_path):
+    _, _, test, (image, _, logits, _) = nets.build()
+    with pytest.raises(QATError, match="not a QAT program"):
+        export_onnx(test, [image], [logits], tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad", [np.nan, 0.0, -1.0])
+def test_bad_scale_is_named_and_nothing_is_written(trained, tmp_path, bad):
+    scope = trained["scope"]
+    tensor = scope.find_var("flatten_0.tmp_0@scale").get_tensor()
+    good = np.array(tensor)
+    tensor.set(np.array([bad], dtype="float32"), paddle.CPUPlace())
+    try:
+        with pytest.raises(ScaleError, match="'flatten_0.tmp_0@scale' of tensor "
+                                             "'flatten_0.tmp_0'"):
+            export_onnx(trained["test"], [trained["image"]], [trained["logits"]],
+                        tmp_path / "m.onnx", scope=scope)
+    finally:
+        tensor.set(good, paddle.CPUPlace())
+    assert not list(tmp_path.iterdir())
+
+
+def test_four_bit_activations_are_refused_not_silently_widened(tmp_path):
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        _, startup, test, (image, _, logits, _) = nets.build()
+        paddle.static.Executor(paddle.CPUPlace()).run(startup)
+        paddle_qat.quantize_program(test, paddle_qat.QATConfig(activation_bits=4),
+                                    for_test=True)
+        with pytest.raises(paddle_qat.UnsupportedOpError, match="quantized to 4 bits"):
+            export_onnx(test, [image], [logits], tmp_path / "m.onnx", scope=scope)
+
+
+def test_four_bit_weights_export_faithfully(tmp_path):
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        _, startup, test, (image, _, logits, _) = nets.build()
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        paddle_qat.quantize_program(test, paddle_qat.QATConfig(weight_bits=4), for_test=True)
+        _calibrate_by_hand(test, scope)
+        result = export_onnx(test, [image], [logits], tmp_path / "m.onnx", scope=scope)
+        images = next(nets.separable_batches(1, batch=32, seed=4))["image"]
+        expected = exe.run(test, feed=_feed(images), fetch_list=[logits])[0]
+    got = ort.InferenceSession(str(result.path)).run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(result.path)).graph.initializer
+               if t.name.endswith(".int8")]
+    assert weights and all(w.min() >= -8 and w.max() <= 7 for w in weights)
+
+
+def _calibrate_by_hand(program, scope):
+    """Give an untrained eval program plausible scales: abs-max of weights, 3.0 for data."""
+    for op in program.global_block().ops:
+        if op.type != "quantize_linear":
+            continue
+        holder = scope.find_var(op.input("X")[0])
+        scale = scope.find_var(op.input("Scale")[0]).get_tensor()
+        if holder is not None and holder.get_tensor()._is_initialized() and op.attr(
+                "quant_axis") >= 0:
+            w = np.array(holder.get_tensor())
+            axis = op.attr("quant_axis")
+            value = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
+        else:
+            value = np.full(np.array(scale).shape, 3.0)
+        scale.set(value.astype("float32"), paddle.CPUPlace())
+
+
+def test_atomic_write_leaves_the_old_file_when_export_fails(trained, tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous export")
+    _, _, plain, (image, _, logits, _) = nets.build()
+    with pytest.raises(QATError):
+        export_onnx(plain, [image], [logits], target)
+    assert target.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+# ---- the checker: one hand-broken graph per rule -------------------------------------------
+
+def _qdq_conv_model(zero_dtype=np.int8, zero_value=0, scale_value=0.02, weight_dtype=np.int8,
+                    act_axis=False, weight_scales=4, opset=13, drop_data_dq=False,
+                    extra_nodes=()):
+    inits = [
+        numpy_helper.from_array(np.ones((4, 3, 3, 3), weight_dtype), "w.int8"),
+        numpy_helper.from_array(np.full((weight_scales,), 0.01, np.float32), "w.scale"),
+        numpy_helper.from_array(np.zeros((weight_scales,), np.int8), "w.zero"),
+        numpy_helper.from_array(np.full((3,) if act_axis else (), scale_value, np.float32),
+                                "x.scale"),
+        numpy_helper.from_array(np.full((3,) if act_axis else (), zero_value, zero_dtype),
+                                "x.zero"),
+    ]
+    axis = {"axis": 1} if act_axis else {}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x.scale", "x.zero"], ["xq"], "q_x", **axis),
+        helper.make_node("DequantizeLinear", ["xq", "x.scale", "x.zero"], ["xd"], "dq_x",
+                         **axis),
+        helper.make_node("DequantizeLinear", ["w.int8", "w.scale", "w.zero"], ["wd"], "dq_w",
+                         axis=0),
+        helper.make_node("Conv", ["x" if drop_data_dq else "xd", "wd"], ["y"], "conv"),
+        *extra_nodes,
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_checker_accepts_a_good_graph():
+    assert check_model(_qdq_conv_model()) == []
+
+
+@pytest.mark.parametrize("kwargs, rule, node, text", [
+    ({"opset": 11}, 1, "dq_w", "opset >= 13"),
+    ({"zero_dtype": np.uint8}, 2, "q_x", "must be int8"),
+    ({"zero_value": 3}, 2, "q_x", "all zeros"),
+    ({"scale_value": 0.0}, 3, "q_x", "finite and > 0"),
+    ({"scale_value": np.nan}, 3, "dq_x", "finite and > 0"),
+    ({"weight_scales": 3}, 4, "dq_w", "do not match"),
+    ({"act_axis": True}, 4, "dq_x", "per-channel scale on an activation"),
+    ({"drop_data_dq": True}, 5, "conv", "one input only"),
+    ({"weight_dtype": np.int32}, 11, "dq_w", "must be int8"),
+    ({"extra_nodes": [helper.make_node("QuantizeLinear", ["x", "x.scale", "x.zero"], ["z"],
+                                       "lonely_q")]}, 10, "lonely_q", "dangling"),
+    ({"extra_nodes": [helper.make_node("ConvInteger", ["x", "w.int8"], ["ci"], "ci")]},
+     11, "ci", "not accepted"),
+])
+def test_checker_names_each_broken_rule(kwargs, rule, node, text):
+    found = check_model(_qdq_conv_model(**kwargs))
+    assert any(v.rule == rule and v.node == node and text in v.message for v in found), found
+
+
+def test_eval_program_has_one_qdq_per_quantized_input(trained):
+    for op_type in ("conv2d", "mul"):
+        assert forward_ops(trained["test"], op_type)
