@@ -1,0 +1,30 @@
+"""The README's main job, shortened: FP32 -> fleet QAT -> ONNX -> ONNX Runtime table."""
+
+import subprocess
+import sys
+
+import onnx
+
+from paddle_qat import demo
+from paddle_qat.export.checker import check_model
+
+
+def test_short_demo_trains_exports_and_evaluates(tmp_path, capsys):
+    rows = demo.run(tmp_path, fp32_epochs=3, qat_epochs=1)
+    assert [r.name for r in rows] == ["FP32", "QAT INT8 (w8a8)"]
+    fp32, qat = rows
+    assert fp32.accuracy > 0.5 and qat.accuracy > 0.5  # 10 classes: chance is 0.1
+    assert qat.size_kb < fp32.size_kb  # int8 weights
+    qat_model = onnx.load(str(tmp_path / "qat_int8.onnx"))
+    assert check_model(qat_model) == []
+    assert any(n.op_type == "QuantizeLinear" for n in qat_model.graph.node)
+    assert not any(n.op_type == "QuantizeLinear"
+                   for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node)
+    assert "latency bs1 (ms)" in capsys.readouterr().out
+
+
+def test_demo_help():
+    result = subprocess.run([sys.executable, "-m", "paddle_qat.demo", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--fp32-epochs" in result.stdout
