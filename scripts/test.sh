@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[cpu,export,test]"
-python -m ruff check paddle_qat tests scripts benchmarks
+python -m ruff check .
 python -m pytest -q "$@"
