@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-import paddle
-import paddle.nn.functional as F
 from paddle import static
+
+from paddle_qat import demo
 
 IMAGE = 8
 CLASSES = 4
 
 
 def residual_cnn(image: int = IMAGE, classes: int = CLASSES, channels: int = 8):
-    """conv/bn/relu -> [conv/bn + identity] add/relu -> maxpool -> avgpool -> fc."""
-    x = static.data("image", [None, 3, image, image], "float32")
-    y = static.data("label", [None, 1], "int64")
-    stem = static.nn.batch_norm(static.nn.conv2d(x, channels, 3, padding=1, bias_attr=False),
-                                act="relu")
-    branch = static.nn.batch_norm(
-        static.nn.conv2d(stem, channels, 3, padding=1, bias_attr=False))
-    block_out = F.relu(paddle.add(branch, stem))
-    pooled = F.adaptive_avg_pool2d(F.max_pool2d(block_out, 2), 1)
-    logits = static.nn.fc(paddle.flatten(pooled, 1), classes)
-    loss = paddle.mean(F.cross_entropy(logits, y))
-    return x, y, logits, loss
+    """The demo's conv/bn/relu -> residual block -> maxpool -> avgpool -> fc, made tiny."""
+    return demo.residual_cnn(in_channels=3, image=image, classes=classes, width=channels)
 
 
 def build(net=residual_cnn, seed: int = 7):

@@ -10,10 +10,12 @@ from paddle_qat.export.checker import check_model
 
 
 def test_short_demo_trains_exports_and_evaluates(tmp_path, capsys):
-    rows = demo.run(tmp_path, fp32_epochs=3, qat_epochs=1)
+    rows = demo.run(tmp_path, fp32_epochs=10, qat_epochs=1)
     assert [r.name for r in rows] == ["FP32", "QAT INT8 (w8a8)"]
     fp32, qat = rows
-    assert fp32.accuracy > 0.5 and qat.accuracy > 0.5  # 10 classes: chance is 0.1
+    # 10 classes, chance is 0.1. Short FP32 runs vary a lot between runs (seen 0.59-0.80,
+    # CPU kernels are not bitwise deterministic); QAT fine-tuning lands at 0.90-0.93.
+    assert fp32.accuracy > 0.3 and qat.accuracy > 0.7
     assert qat.size_kb < fp32.size_kb  # int8 weights
     qat_model = onnx.load(str(tmp_path / "qat_int8.onnx"))
     assert check_model(qat_model) == []
