@@ -18,7 +18,6 @@ DEFAULT_OPSET = 13  # per-channel DequantizeLinear (axis) needs >= 13
 class OnnxExport:
     path: Path
     edges: tuple[QuantEdge, ...]
-    violations: tuple  # checker findings (empty when the model passed)
 
 
 def _float_onnx(program, feed_vars, fetch_vars, scope, opset: int):
@@ -71,4 +70,4 @@ def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int 
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
-    return OnnxExport(path, tuple(edges), violations)
+    return OnnxExport(path, tuple(edges))
