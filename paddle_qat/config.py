@@ -142,6 +142,16 @@ class QATConfig:
                     f"supported: {sorted(ACTIVATION_OP_TYPES)}"
                 )
 
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data (stored in checkpoints)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QATConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        return cls().replace(**data)
+
     def replace(self, **changes) -> QATConfig:
         """Return a copy with ``changes`` applied (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -1,0 +1,62 @@
+"""Static-graph models by name, so checkpoints and export commands can rebuild a network.
+
+Example::
+
+    from paddle_qat.models import ModelSpec, build_classifier
+    spec = ModelSpec("resnet50", in_channels=3, image_size=224, classes=1000)
+    image, label, logits, loss = build_classifier(spec)   # inside a program_guard
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import QATConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which network to build and its input/output sizes (stored in every checkpoint)."""
+
+    name: str
+    in_channels: int = 3
+    image_size: int = 224
+    classes: int = 1000
+    width: int = 16  # residual_cnn only: channels of its convolutions
+
+    def __post_init__(self):
+        if self.name not in MODELS:
+            raise QATConfigError(f"unknown model {self.name!r}; known: {sorted(MODELS)}")
+        for field in ("in_channels", "image_size", "classes", "width"):
+            if getattr(self, field) < 1:
+                raise QATConfigError(f"ModelSpec.{field} must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise QATConfigError(f"unknown ModelSpec keys {sorted(unknown)}")
+        return cls(**data)
+
+
+def _residual_cnn(spec: ModelSpec):
+    from .residual_cnn import residual_cnn
+
+    return residual_cnn(spec.in_channels, spec.image_size, spec.classes, spec.width)
+
+
+def _resnet50(spec: ModelSpec):
+    from .resnet import resnet50
+
+    return resnet50(spec.in_channels, spec.image_size, spec.classes)
+
+
+MODELS = {"residual_cnn": _residual_cnn, "resnet50": _resnet50}
+
+
+def build_classifier(spec: ModelSpec):
+    """Build ``spec`` in the current program: returns (image, label, logits, loss)."""
+    return MODELS[spec.name](spec)
