@@ -11,8 +11,8 @@ setup(
     extras_require={
         "cpu": ["paddlepaddle==3.3.1"],
         "export": ["onnx==1.23.2", "onnxruntime==1.32.0", "paddle2onnx==1.3.1"],
-        "tensorrt": ["tensorrt>=10"],
+        "tensorrt": ["tensorrt>=10,<12", "cuda-python>=12"],
         "demo": ["scikit-learn==1.9.1"],
-    "test": ["pytest==9.2.0", "ruff==0.17.6", "scikit-learn==1.9.1"],
+        "test": ["pytest==9.2.0", "ruff==0.17.6", "scikit-learn==1.9.1"],
     },
 )

@@ -5,7 +5,13 @@ needs. Importing this package keeps Paddle on its legacy program IR (see
 :mod:`paddle_qat.legacy_ir`) and replaces fleet's QAT meta-optimizer with ours.
 """
 
+import warnings
+
 from .legacy_ir import ensure_legacy_ir
+
+# Paddle warns on every import that no C++ build cache (ccache) is installed; it concerns
+# custom C++ ops only, which paddle_qat never builds.
+warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
 ensure_legacy_ir()
 

@@ -19,24 +19,9 @@ from pathlib import Path
 import numpy as np
 
 import paddle_qat  # noqa: F401  (legacy IR before paddle, fleet QAT installed)
+from paddle_qat.models import ModelSpec, build_classifier
 
-
-def residual_cnn(in_channels: int = 3, image: int = 8, classes: int = 4, width: int = 8):
-    """conv/bn/relu -> [conv/bn + identity] add/relu -> maxpool -> avgpool -> fc (static)."""
-    import paddle
-    import paddle.nn.functional as F
-    from paddle import static
-
-    x = static.data("image", [None, in_channels, image, image], "float32")
-    y = static.data("label", [None, 1], "int64")
-    stem = static.nn.batch_norm(static.nn.conv2d(x, width, 3, padding=1, bias_attr=False),
-                                act="relu")
-    branch = static.nn.batch_norm(static.nn.conv2d(stem, width, 3, padding=1, bias_attr=False))
-    block_out = F.relu(paddle.add(branch, stem))
-    pooled = F.adaptive_avg_pool2d(F.max_pool2d(block_out, 2), 1)
-    logits = static.nn.fc(paddle.flatten(pooled, 1), classes)
-    loss = paddle.mean(F.cross_entropy(logits, y))
-    return x, y, logits, loss
+SPEC = ModelSpec("residual_cnn", in_channels=1, image_size=16, classes=10, width=16)
 
 
 @dataclass
@@ -66,11 +51,11 @@ def _build(seed: int):
     main, startup = paddle.static.Program(), paddle.static.Program()
     main.random_seed = startup.random_seed = seed
     with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
-        tensors = residual_cnn(in_channels=1, image=16, classes=10, width=16)
+        tensors = build_classifier(SPEC)
     return main, startup, main.clone(for_test=True), tensors
 
 
-def _epochs(exe, program, loss, train, epochs, batch, seed, desc):
+def _epochs(exe, program, loss, train, epochs, batch, seed, desc, on_epoch=None):
     from tqdm import tqdm
 
     images, labels = train
@@ -85,6 +70,8 @@ def _epochs(exe, program, loss, train, epochs, batch, seed, desc):
                                fetch_list=[loss])
             losses.append(float(value))
         print(f"{desc} epoch {epoch + 1}: loss {np.mean(losses):.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
 
 
 def _evaluate_onnx(name, path, test) -> Result:
@@ -126,11 +113,15 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
     import paddle
     from paddle.distributed import fleet
 
-    from .export import export_onnx
+    from .checkpoint import save_checkpoint
+    from .config import resolve_config
+    from .export import export_inference_model, export_onnx
 
     paddle.enable_static()
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_digits(seed)
+    np.save(out / "test_images.npy", test[0])  # for scripts/inference/infer_*.sh
+    np.save(out / "test_labels.npy", test[1][:, 0])
     place = paddle.CPUPlace()
 
     # 1. FP32 baseline
@@ -164,8 +155,12 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
             qat_scope.find_var(name).get_tensor().set(
                 np.array(fp32_scope.find_var(name).get_tensor()), place)
         optimizer.qat_init(place, scope=qat_scope, test_program=eval_prog)
-        _epochs(exe, main, loss, train, qat_epochs, batch, seed + 1, "qat")
+        meta = {"model": SPEC.to_dict(), "qat_config": resolve_config(strategy).to_dict()}
+        _epochs(exe, main, loss, train, qat_epochs, batch, seed + 1, "qat",
+                on_epoch=lambda epoch: save_checkpoint(out / "checkpoints", main, epoch=epoch,
+                                                       scope=qat_scope, meta=meta))
         export_onnx(eval_prog, [image], [logits], out / "qat_int8.onnx", scope=qat_scope)
+        export_inference_model(out / "inference" / "qat", [image], [logits], exe, eval_prog)
 
     rows = [_evaluate_onnx("FP32", out / "fp32.onnx", test),
             _evaluate_onnx(f"QAT INT8 (w{weight_bits}a8)", out / "qat_int8.onnx", test)]

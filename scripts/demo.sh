@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The README's main job: install paddle-qat (CPU) and run the end-to-end QAT demo.
-# Extra arguments go to `python -m paddle_qat.demo` (see --help).
+# The README's main job: install paddle-qat (CPU) and run the end-to-end QAT demo
+# (FP32 training, fleet QAT fine-tuning, ONNX export, ONNX Runtime table) on 2 CPU cores.
+#
+# Usage: scripts/demo.sh [python -m paddle_qat.demo flags, e.g. --out runs/demo]
 set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[cpu,export,demo]"

@@ -48,3 +48,18 @@ def two_ranks(monkeypatch):
 
 
 os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's main job, shortened, run once: (output folder, table rows, stdout)."""
+    import contextlib
+    import io
+
+    from paddle_qat import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = demo.run(out, fp32_epochs=10, qat_epochs=2)
+    return out, rows, printed.getvalue()

@@ -5,12 +5,11 @@ import sys
 
 import onnx
 
-from paddle_qat import demo
 from paddle_qat.export.checker import check_model
 
 
-def test_short_demo_trains_exports_and_evaluates(tmp_path, capsys):
-    rows = demo.run(tmp_path, fp32_epochs=10, qat_epochs=1)
+def test_short_demo_trains_exports_and_evaluates(demo_run):
+    tmp_path, rows, printed = demo_run
     assert [r.name for r in rows] == ["FP32", "QAT INT8 (w8a8)"]
     fp32, qat = rows
     # 10 classes, chance is 0.1. Short FP32 runs vary a lot between runs (seen 0.59-0.80,
@@ -22,7 +21,9 @@ def test_short_demo_trains_exports_and_evaluates(tmp_path, capsys):
     assert any(n.op_type == "QuantizeLinear" for n in qat_model.graph.node)
     assert not any(n.op_type == "QuantizeLinear"
                    for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node)
-    assert "latency bs1 (ms)" in capsys.readouterr().out
+    assert "latency bs1 (ms)" in printed
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch_0001", "epoch_0002", "latest"]
 
 
 def test_demo_help():

@@ -19,21 +19,29 @@ from program_tools import forward_ops
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A residual CNN trained 30 steps with fleet-equivalent QAT, its eval program and scope."""
+    """A residual CNN trained 30 steps through fleet with ``strategy.qat = True``, its
+    quantized eval program (``qat_init``) and scope."""
+    from paddle.distributed import fleet
+
+    fleet.init(is_collective=True)
+    strategy = fleet.DistributedStrategy()
+    strategy.qat = True
     scope = paddle.static.Scope()
     with paddle.static.scope_guard(scope):
         main, startup, test, (image, _, logits, loss) = nets.build()
         with paddle.static.program_guard(main, startup):
-            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
-        paddle_qat.quantize_program(main, startup_program=startup)
-        paddle_qat.quantize_program(test, for_test=True)
+            optimizer = fleet.distributed_optimizer(
+                paddle.optimizer.Momentum(0.05, momentum=0.9), strategy)
+            optimizer.minimize(loss)
         exe = paddle.static.Executor(paddle.CPUPlace())
         exe.run(startup)
+        optimizer.qat_init(paddle.CPUPlace(), scope=scope, test_program=test)
         for feed in nets.separable_batches(30):
             exe.run(main, feed=feed)
         path = tmp_path_factory.mktemp("export") / "model.onnx"
         result = export_onnx(test, [image], [logits], path, scope=scope)
-    return dict(scope=scope, test=test, image=image, logits=logits, exe=exe, result=result)
+    return dict(scope=scope, test=test, image=image, logits=logits, exe=exe, result=result,
+                main=main)
 
 
 def _feed(images):

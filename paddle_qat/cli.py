@@ -1,0 +1,141 @@
+"""``python -m paddle_qat <command>``: export, check, infer. Thin wrappers over the library.
+
+Each command prints what it did and exits 0, or prints one line naming the problem and the fix
+and exits 2 (bad input) without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QATError
+
+
+def _export(args) -> None:
+    from .export.saved import export_checkpoint, export_paddle_model
+
+    if args.checkpoint is not None:
+        result = export_checkpoint(args.checkpoint, args.onnx, paddle_prefix=args.paddle_model,
+                                   opset=args.opset)
+    else:
+        result = export_paddle_model(args.paddle_input, args.onnx, opset=args.opset)
+    print(f"wrote {result.onnx_path} ({result.quantized_inputs} quantized inputs, "
+          f"TensorRT Q/DQ rules checked)")
+    if result.paddle_model:
+        print(f"wrote {' and '.join(result.paddle_model)}")
+
+
+def _check(args) -> int:
+    from .export.checker import check_model
+
+    if not Path(args.model).is_file():
+        raise QATError(f"ONNX model {args.model} does not exist")
+    violations = check_model(args.model)
+    for violation in violations:
+        print(violation)
+    print(f"{args.model}: {len(violations)} violation(s) of TensorRT's Q/DQ rules")
+    return 1 if violations else 0
+
+
+def _load_array(path, what: str) -> np.ndarray:
+    if not Path(path).is_file():
+        raise QATError(f"{what} file {path} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise QATError(f"{what} file {path} is not a readable .npy array: {error}") from None
+
+
+def _infer(args) -> None:
+    from .export.atomic import atomic_path
+    from .runtime import benchmark, open_runner
+
+    options = {"threads": args.threads} if args.runtime == "onnxruntime" else {
+        "engine_path": args.engine, "max_batch": args.batch, "rebuild": args.rebuild}
+    runner = open_runner(args.model, args.runtime, **options)
+    if args.input:
+        images = _load_array(args.input, "input").astype("float32")
+    else:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in runner.input_shape[1:]] \
+            if hasattr(runner, "input_shape") else None
+        if shape is None:
+            raise QATError("pass --input images.npy (the engine's input shape is not known)")
+        images = np.random.default_rng(0).normal(size=(args.batch, *shape)).astype("float32")
+    logits = np.concatenate([runner.run(images[i:i + args.batch])
+                             for i in range(0, len(images), args.batch)])
+    print(f"{args.runtime}: ran {len(images)} inputs through {args.model}")
+    if args.labels:
+        labels = _load_array(args.labels, "labels").reshape(-1)
+        if len(labels) != len(images):
+            raise QATError(f"{args.labels} has {len(labels)} labels for {len(images)} inputs")
+        print(f"top-1 accuracy: {float((logits.argmax(1) == labels).mean()):.4f}")
+    if args.output:
+        with atomic_path(args.output) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, logits)
+        print(f"wrote logits to {args.output}")
+    if args.benchmark:
+        print(benchmark(runner, images[:args.batch], iterations=args.benchmark))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m paddle_qat",
+        description="paddle_qat tools: export QAT models to ONNX Q/DQ, check them against "
+                    "TensorRT's rules, run them on ONNX Runtime or TensorRT.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser(
+        "export", help="checkpoint or Paddle inference model -> ONNX with INT8 Q/DQ",
+        description="Export a QAT model to ONNX (opset >= 13, explicit INT8 Q/DQ), checked "
+                    "against TensorRT's rules and written atomically.")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path,
+                        help="a paddle_qat checkpoint (epoch_NNNN folder, or the folder of "
+                             "checkpoints: its latest is used)")
+    source.add_argument("--paddle-input", metavar="PREFIX",
+                        help="a Paddle inference model with quant ops (path before .pdmodel)")
+    export.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
+    export.add_argument("--paddle-model", metavar="PREFIX",
+                        help="with --checkpoint: also write a Paddle inference model here")
+    export.add_argument("--opset", type=int, default=13, help="ONNX opset, >= 13 (default 13)")
+    export.set_defaults(run=_export)
+
+    check = commands.add_parser(
+        "check", help="check an ONNX model against TensorRT's explicit-quantization rules",
+        description="List every violation of TensorRT's Q/DQ rules with the node name; exit 1 "
+                    "when there is any.")
+    check.add_argument("model", help="ONNX file")
+    check.set_defaults(run=_check)
+
+    infer = commands.add_parser(
+        "infer", help="run an ONNX model (ONNX Runtime or TensorRT) or a TensorRT engine",
+        description="Run a model on images from a .npy file (or random inputs), report "
+                    "accuracy with --labels, latency with --benchmark.")
+    infer.add_argument("model", help=".onnx model, or a serialized .engine for tensorrt")
+    infer.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    infer.add_argument("--input", help="images as a float32 .npy array, N x C x H x W")
+    infer.add_argument("--labels", help="integer labels .npy (N) to report top-1 accuracy")
+    infer.add_argument("--output", help="write the logits to this .npy file")
+    infer.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    infer.add_argument("--benchmark", type=int, default=0, metavar="RUNS",
+                       help="time RUNS runs of one batch and print latency / throughput")
+    infer.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
+    infer.add_argument("--engine", help="tensorrt: engine file to build or reuse "
+                                        "(default: the .onnx path with .engine)")
+    infer.add_argument("--rebuild", action="store_true", help="tensorrt: rebuild the engine")
+    infer.set_defaults(run=_infer)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except QATError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

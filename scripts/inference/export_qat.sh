@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Export a QAT checkpoint: ONNX with explicit INT8 Q/DQ (checked against TensorRT's rules)
+# plus a Paddle inference model that keeps its quant ops (Paddle Inference / Paddle-TRT).
+#
+# Usage: scripts/inference/export_qat.sh CHECKPOINT OUT_DIR [python -m paddle_qat export flags]
+#   CHECKPOINT  an epoch_NNNN folder, or the folder of checkpoints (its latest is used)
+#   OUT_DIR     gets qat_int8.onnx and paddle/qat.pdmodel + .pdiparams
+set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+if [[ $# -lt 2 ]]; then usage >&2; exit 2; fi
+checkpoint=$1 out=$2
+shift 2
+python -m paddle_qat export --checkpoint "$checkpoint" --onnx "$out/qat_int8.onnx" \
+    --paddle-model "$out/paddle/qat" "$@"
+python -m paddle_qat check "$out/qat_int8.onnx"

@@ -1,0 +1,129 @@
+"""The command-line tools and the inference scripts, run as a user runs them."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, script=None):
+    command = ["bash", str(ROOT / script), *args] if script else [
+        sys.executable, "-m", "paddle_qat", *args]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_export_from_checkpoint_equals_the_live_export(demo_run, tmp_path):
+    out, _, _ = demo_run
+    result = run("export", "--checkpoint", str(out / "checkpoints"), "--onnx",
+                 str(tmp_path / "m.onnx"), "--paddle-model", str(tmp_path / "paddle" / "m"))
+    assert result.returncode == 0, result.stderr
+    assert "7 quantized inputs" in result.stdout
+    assert (tmp_path / "paddle" / "m.pdmodel").is_file()
+    images = np.load(out / "test_images.npy")
+    import onnxruntime as ort
+
+    def logits(path):
+        return ort.InferenceSession(str(path)).run(None, {"image": images})[0]
+
+    # the demo exported the last epoch from its live program and scope
+    np.testing.assert_array_equal(logits(tmp_path / "m.onnx"), logits(out / "qat_int8.onnx"))
+
+
+def test_export_from_paddle_inference_model(demo_run, tmp_path):
+    out, _, _ = demo_run
+    result = run("export", "--paddle-input", str(out / "inference" / "qat"), "--onnx",
+                 str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.node
+
+
+def test_check_exit_codes(demo_run, tmp_path):
+    out, _, _ = demo_run
+    good = run("check", str(out / "qat_int8.onnx"))
+    assert good.returncode == 0 and "0 violation(s)" in good.stdout
+    model = onnx.load(str(out / "qat_int8.onnx"))
+    for init in model.graph.initializer:
+        if init.name.endswith(".zero_point") and init.dims == []:
+            init.raw_data = np.int8(5).tobytes()
+            break
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    bad = run("check", str(tmp_path / "bad.onnx"))
+    assert bad.returncode == 1
+    assert "rule 2 [" in bad.stdout and "all zeros" in bad.stdout
+
+
+def test_infer_reports_accuracy_and_writes_logits(demo_run, tmp_path):
+    out, rows, _ = demo_run
+    result = run("infer", str(out / "qat_int8.onnx"), "--input", str(out / "test_images.npy"),
+                 "--labels", str(out / "test_labels.npy"), "--output", str(tmp_path / "l.npy"),
+                 "--benchmark", "5", "--batch", "8")
+    assert result.returncode == 0, result.stderr
+    assert f"top-1 accuracy: {rows[1].accuracy:.4f}" in result.stdout
+    assert "samples/s" in result.stdout
+    assert np.load(tmp_path / "l.npy").shape == (len(np.load(out / "test_labels.npy")), 10)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["export", "--checkpoint", "/nowhere", "--onnx", "x.onnx"], "/nowhere is neither"),
+    (["export", "--paddle-input", "/nowhere/m", "--onnx", "x.onnx"],
+     "/nowhere/m.pdmodel does not exist"),
+    (["check", "/nowhere.onnx"], "/nowhere.onnx does not exist"),
+    (["infer", "/nowhere.onnx"], "/nowhere.onnx does not exist"),
+])
+def test_bad_input_is_one_clear_line(args, text):
+    result = run(*args)
+    assert result.returncode == 2
+    assert text in result.stderr and "Traceback" not in result.stderr
+
+
+def test_truncated_onnx_is_named(demo_run, tmp_path):
+    out, _, _ = demo_run
+    broken = tmp_path / "cut.onnx"
+    broken.write_bytes((out / "qat_int8.onnx").read_bytes()[:500])
+    result = run("infer", str(broken))
+    assert result.returncode == 2 and "truncated" in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed; tests/test_tensorrt.py runs it")
+def test_tensorrt_without_tensorrt_says_how_to_get_it(demo_run):
+    out, _, _ = demo_run
+    result = run(str(out / "qat_int8.onnx"), script="scripts/inference/infer_tensorrt.sh")
+    assert result.returncode == 2
+    assert "pip install paddle-qat[tensorrt]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_inference_scripts_run_on_cpu(demo_run, tmp_path):
+    out, rows, _ = demo_run
+    export = run(str(out / "checkpoints"), str(tmp_path), script="scripts/inference/export_qat.sh")
+    assert export.returncode == 0, export.stderr
+    assert "0 violation(s)" in export.stdout
+    infer = run(str(tmp_path / "qat_int8.onnx"), "--input", str(out / "test_images.npy"),
+                "--labels", str(out / "test_labels.npy"),
+                script="scripts/inference/infer_onnxruntime.sh")
+    assert infer.returncode == 0, infer.stderr
+    assert f"top-1 accuracy: {rows[1].accuracy:.4f}" in infer.stdout
+
+
+@pytest.mark.parametrize("script", sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "scripts").rglob("*.sh")
+))
+def test_every_script_has_help(script):
+    result = run("--help", script=script)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout or "usage" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["export", "check", "infer"])
+def test_every_command_has_help(command):
+    result = run(command, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout
