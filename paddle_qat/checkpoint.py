@@ -94,9 +94,15 @@ def save_checkpoint(directory, program, *, epoch: int, scope=None, meta: dict | 
     import paddle
 
     scope = paddle.static.global_scope() if scope is None else scope
+    model, optimizer = _scope_values(program, scope)
+    return write_checkpoint(directory, epoch=epoch, model=model, optimizer=optimizer, meta=meta)
+
+
+def write_checkpoint(directory, *, epoch: int, model: dict, optimizer: dict,
+                     meta: dict | None = None) -> Path:
+    """Write ``{name: array}`` dicts as checkpoint ``directory/epoch_NNNN`` (atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, optimizer = _scope_values(program, scope)
     target = directory / f"epoch_{epoch:04d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
     try:
@@ -108,7 +114,7 @@ def save_checkpoint(directory, program, *, epoch: int, scope=None, meta: dict | 
                 f.flush()
                 os.fsync(f.fileno())
             files[file_name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        record = {"format": FORMAT_VERSION, "epoch": epoch, "files": files, **(meta or {})}
+        record = {**(meta or {}), "format": FORMAT_VERSION, "epoch": epoch, "files": files}
         (staging / META_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
         if target.exists():  # re-saving an epoch: move the old one aside, then drop it
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=directory))
@@ -142,12 +148,16 @@ def latest_checkpoint(directory) -> Path | None:
 def resolve_checkpoint(path) -> Path:
     """``path`` itself when it is a checkpoint, else the latest checkpoint saved under it."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if (path / META_FILE).is_file():
         return path
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
-        raise CheckpointError(f"{path} is neither a checkpoint (no {META_FILE}) nor a folder "
-                              f"of checkpoints (no {LATEST_FILE}); pass an epoch_NNNN folder")
+        raise CheckpointError(
+            f"{path} is neither a checkpoint (no {META_FILE}) nor a folder of checkpoints (no "
+            f"{LATEST_FILE}). It is not a paddle_qat checkpoint; for one from the old NVIDIA "
+            f"workaround layout (PREFIX.pdparams/.pdopt) run `python -m paddle_qat migrate`")
     return latest
 
 
@@ -195,6 +205,32 @@ class LoadReport:
 
     loaded: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    from_master_weights: list[str] = field(default_factory=list)  # pure-FP16 runs
+    upcast: list[str] = field(default_factory=list)  # fp16 parameters widened exactly
+
+
+def _fp32_parameters(path, program, values: dict) -> tuple[list[str], list[str]]:
+    """Pure-FP16 (O2) checkpoints hold fp16 parameters; an FP32 program gets the fp32 master
+    copies from the optimizer state when training kept them (``multi_precision``), else the
+    fp16 values widened to fp32 (exact: they are what training computed with)."""
+    block = program.global_block()
+    params = {p.name for p in program.all_parameters()}
+    wanted = [name for name, value in values.items()
+              if name in params and value.dtype == np.float16
+              and _dtype_name(block._find_var_recursive(name)) == "float32"]
+    if not wanted:
+        return [], []
+    optimizer = read_values(path, OPTIMIZER_FILE)
+    masters, upcast = [], []
+    for name in wanted:
+        master = optimizer.get(f"{name}_fp32_master_0")
+        if master is not None and master.shape == values[name].shape:
+            values[name] = master
+            masters.append(name)
+        else:
+            values[name] = values[name].astype(np.float32)
+            upcast.append(name)
+    return masters, upcast
 
 
 def _dtype_name(var) -> str:
@@ -229,7 +265,8 @@ def check_fits(program, values: dict[str, np.ndarray], names) -> None:
 
 def load_checkpoint(path, program, *, scope=None, place=None, optimizer_state: bool = False
                     ) -> LoadReport:
-    """Load a checkpoint into ``scope`` for ``program``.
+    """Load a checkpoint (an ``epoch_NNNN`` folder, or the latest under a folder) into
+    ``scope`` for ``program``.
 
     With ``optimizer_state=False`` (eval / export) only parameters and quant state are
     needed; with True (resume) every persistable variable of the training program must be
@@ -240,13 +277,16 @@ def load_checkpoint(path, program, *, scope=None, place=None, optimizer_state: b
 
     scope = paddle.static.global_scope() if scope is None else scope
     place = paddle.CPUPlace() if place is None else place
+    path = resolve_checkpoint(path)
     values = read_values(path, MODEL_FILE)
     if optimizer_state:
         values.update(read_values(path, OPTIMIZER_FILE))
         wanted = {v.name for v in _persistables(program)}
     else:
         wanted = model_var_names(program)
+    masters, upcast = _fp32_parameters(path, program, values)
     check_fits(program, values, wanted)
     for name in sorted(wanted):
         scope.var(name).get_tensor().set(values[name], place)
-    return LoadReport(loaded=sorted(wanted), unused=sorted(set(values) - wanted))
+    return LoadReport(loaded=sorted(wanted), unused=sorted(set(values) - wanted),
+                      from_master_weights=masters, upcast=upcast)

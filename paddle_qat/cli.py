@@ -1,4 +1,4 @@
-"""``python -m paddle_qat <command>``: export, check, infer. Thin wrappers over the library.
+"""``python -m paddle_qat <command>``: export, check, infer, migrate; thin library wrappers.
 
 Each command prints what it did and exits 0, or prints one line naming the problem and the fix
 and exits 2 (bad input) without a traceback.
@@ -82,6 +82,23 @@ def _infer(args) -> None:
         print(benchmark(runner, images[:args.batch], iterations=args.benchmark))
 
 
+def _migrate(args) -> None:
+    from .config import QATConfig
+    from .migrate import migrate_checkpoint
+    from .models import ModelSpec
+
+    meta = {}
+    if args.model:
+        meta["model"] = ModelSpec(args.model, args.in_channels, args.image_size, args.classes,
+                                  args.width).to_dict()
+        meta["qat_config"] = QATConfig(weight_bits=args.weight_bits,
+                                       activation_bits=args.activation_bits).to_dict()
+    path, changes = migrate_checkpoint(args.old_prefix, args.out, meta=meta)
+    for change in changes:
+        print(f"  {change}")
+    print(f"wrote {path} ({len(changes)} changes; {args.old_prefix}.* left untouched)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m paddle_qat",
@@ -129,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the .onnx path with .engine)")
     infer.add_argument("--rebuild", action="store_true", help="tensorrt: rebuild the engine")
     infer.set_defaults(run=_infer)
+
+    migrate = commands.add_parser(
+        "migrate", help="convert an old AMP-QAT checkpoint (.cast_fp16 names, fp16 scales)",
+        description="Read PREFIX.pdparams / PREFIX.pdopt written by paddle.static.save in AMP "
+                    "+ QAT training before paddle_qat, strip '.cast_fp16' from names, store "
+                    "quant state as float32, write a new paddle_qat checkpoint folder. The old "
+                    "files are never modified.")
+    migrate.add_argument("old_prefix", help="path before .pdparams / .pdopt")
+    migrate.add_argument("out", type=Path, help="folder for the new checkpoint")
+    migrate.add_argument("--model", choices=("residual_cnn", "resnet50"),
+                         help="record the network so `export --checkpoint` can rebuild it")
+    migrate.add_argument("--in-channels", type=int, default=3)
+    migrate.add_argument("--image-size", type=int, default=224)
+    migrate.add_argument("--classes", type=int, default=1000)
+    migrate.add_argument("--width", type=int, default=16, help="residual_cnn width")
+    migrate.add_argument("--weight-bits", type=int, default=8)
+    migrate.add_argument("--activation-bits", type=int, default=8)
+    migrate.set_defaults(run=_migrate)
     return parser
 
 

@@ -41,6 +41,10 @@ ACTIVATION_OP_TYPES: tuple[str, ...] = (
 
 ACTIVATION_ALGOS: tuple[str, ...] = ("moving_average_abs_max",)
 
+# quantize_linear's kernel hard-codes its moving-average decay (the pass's attribute is
+# dropped because the op does not declare it); measured on Paddle 3.3.1.
+PADDLE_MOVING_RATE = 0.9
+
 FLEET_KEYS: tuple[str, ...] = (
     "channel_wise_abs_max",
     "weight_bits",
@@ -68,7 +72,8 @@ class QATConfig:
         algo: how activation scales are learnt (``algo``): ``"moving_average_abs_max"``
             (fleet's ``""`` means the same). An exponential moving average of each batch's
             abs-max, the scale TensorRT's explicit-quantization tooling expects.
-        moving_rate: decay of that moving average, in (0, 1).
+        moving_rate: decay of that moving average. Only 0.9 is accepted: Paddle 3.3.1's
+            ``quantize_linear`` kernel ignores any other value.
         skip_name_scopes: ops whose ``name_scope`` contains one of these strings are left in
             float (``not_quant_pattern``).
         skip_weights: ``fnmatch`` patterns on weight parameter names (e.g. ``"conv2d_0.w_0"``,
@@ -117,9 +122,12 @@ class QATConfig:
                 raise QATConfigError(
                     f"QATConfig.{name} must be True or False, got {getattr(self, name)!r}"
                 )
-        if not isinstance(self.moving_rate, (int, float)) or not 0.0 < self.moving_rate < 1.0:
+        if self.moving_rate != PADDLE_MOVING_RATE:
             raise QATConfigError(
-                f"QATConfig.moving_rate must be a number in (0, 1), got {self.moving_rate!r}"
+                f"QATConfig.moving_rate = {self.moving_rate!r} cannot be honoured: Paddle "
+                f"3.3.1's quantize_linear op has no moving_rate attribute and its kernel "
+                f"always averages with {PADDLE_MOVING_RATE}. Leave moving_rate at "
+                f"{PADDLE_MOVING_RATE}"
             )
         algo = "moving_average_abs_max" if self.algo == "" else self.algo
         if algo not in ACTIVATION_ALGOS:

@@ -15,8 +15,10 @@ def install() -> None:
     from paddle.distributed.fleet import meta_optimizers
     from paddle.distributed.fleet.base import distributed_strategy, meta_optimizer_factory
 
+    from .amp import install_amp_fix
     from .meta_optimizer import QATOptimizer
 
+    install_amp_fix()
     # The factory instantiates meta-optimizers by looking their names up in its globals.
     meta_optimizer_factory.QATOptimizer = QATOptimizer
     meta_optimizers.QATOptimizer = QATOptimizer

@@ -10,6 +10,8 @@ wrong for deployment:
 * every new quant variable gets an initializer in the startup program, so running the
   startup program in any scope prepares the quantized program;
 * quantizing an eval program never overwrites scales that training already learnt;
+* under AMP (O1 or pure FP16/BF16) every quantizer runs in fp32 on the fp32-named tensor, with
+  fp32 state (see :mod:`paddle_qat.amp`);
 * the integer range follows ``bit_length``: Paddle 3.3.1's quantize/dequantize kernels read
   the range from the ``qmin``/``qmax`` attributes (default -128/127) and ignore
   ``bit_length``, so without this ``weight_bits=4`` silently trains 8-bit.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import amp
 from .config import WEIGHT_OP_AXES, QATConfig
 from .errors import QATError
 from .legacy_ir import require_legacy_program
@@ -257,7 +260,11 @@ def quantize_program(
 
     quantized, skipped = _mark_skipped(program, config)
     saved_scales = _scale_snapshot(scope)
+    hoist_types = set(config.weight_op_types) | (
+        {"elementwise_add"} if config.quantize_residual_add else set())
+    hoisted = amp.hoist_casts(program, hoist_types)
     _apply_paddle_passes(program, config, scope, place, for_test)
+    amp.restore_low_precision(program, scope, place, hoisted, hoist_types)
     _fix_weight_axes(program, scope, place)
     _set_integer_ranges(program)
     _restore(scope, place, saved_scales)

@@ -72,7 +72,7 @@ def test_infer_reports_accuracy_and_writes_logits(demo_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, text", [
-    (["export", "--checkpoint", "/nowhere", "--onnx", "x.onnx"], "/nowhere is neither"),
+    (["export", "--checkpoint", "/nowhere", "--onnx", "x.onnx"], "/nowhere does not exist"),
     (["export", "--paddle-input", "/nowhere/m", "--onnx", "x.onnx"],
      "/nowhere/m.pdmodel does not exist"),
     (["check", "/nowhere.onnx"], "/nowhere.onnx does not exist"),
@@ -123,7 +123,7 @@ def test_every_script_has_help(script):
     assert "Usage" in result.stdout or "usage" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["export", "check", "infer"])
+@pytest.mark.parametrize("command", ["export", "check", "infer", "migrate"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout

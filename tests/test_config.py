@@ -39,7 +39,7 @@ def test_bad_fleet_values_are_named(configs, match):
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"weight_op_types": ("conv3d",)}, UnsupportedOpError, "'conv3d'.*cannot quantize"),
     ({"activation_op_types": ("softmax",)}, UnsupportedOpError, "'softmax'"),
-    ({"moving_rate": 1.5}, QATConfigError, "moving_rate must be a number in \\(0, 1\\)"),
+    ({"moving_rate": 0.5}, QATConfigError, "kernel always averages with 0.9"),
     ({"skip_weights": "fc_*"}, QATConfigError, "skip_weights must be a list or tuple"),
 ])
 def test_bad_typed_values_are_named(kwargs, error, match):
@@ -55,13 +55,13 @@ def test_replace_rejects_unknown_field():
 def test_fleet_keys_override_attached_config():
     strategy = fleet.DistributedStrategy()
     paddle_qat.configure(strategy, QATConfig(weight_bits=4, skip_weights=("fc_*",),
-                                             moving_rate=0.5))
+                                             channel_wise=False))
     assert strategy.qat and strategy.qat_configs["weight_bits"] == 4
     strategy.qat_configs = {"activation_bits": 6, "not_quant_pattern": ["head"]}
     cfg = resolve_config(strategy)
     assert (cfg.weight_bits, cfg.activation_bits) == (4, 6)
     assert cfg.skip_name_scopes == ("head",)
-    assert cfg.skip_weights == ("fc_*",) and cfg.moving_rate == 0.5
+    assert cfg.skip_weights == ("fc_*",) and not cfg.channel_wise
 
 
 def test_attached_config_survives_fleet_deepcopy():
