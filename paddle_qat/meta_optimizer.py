@@ -18,6 +18,7 @@ from .build_strategy import disable_qat_incompatible_fusions
 from .config import QATConfig, fleet_dict, resolve_config
 from .legacy_ir import require_legacy_program
 from .passes import quantize_program
+from .scale_sync import insert_scale_sync
 
 _logger = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ class QATOptimizer(MetaOptimizerBase):
         import paddle
 
         startup = startup_program or paddle.static.default_startup_program()
-        summary = quantize_program(loss.block.program, self.config, startup_program=startup)
-        _logger.info("paddle_qat: quantized %d ops, left %d in float",
-                     len(summary.quantized_ops), len(summary.skipped_ops))
+        program = loss.block.program
+        summary = quantize_program(program, self.config, startup_program=startup)
+        synced = insert_scale_sync(program, self.role_maker._worker_num())
+        _logger.info("paddle_qat: quantized %d ops, left %d in float; %d quant state "
+                     "variables averaged across ranks each step", len(summary.quantized_ops),
+                     len(summary.skipped_ops), len(synced))
         return optimize_ops, params_grads
 
     def qat_init(self, place, scope=None, test_program=None):

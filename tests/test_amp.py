@@ -14,7 +14,6 @@ import onnxruntime as ort
 import paddle
 import pytest
 from paddle.base import core
-from test_fleet_qat import fleet_minimize, qat_strategy
 
 import nets
 import paddle_qat
@@ -22,6 +21,7 @@ from paddle_qat import amp
 from paddle_qat.checkpoint import is_quant_state, load_checkpoint, save_checkpoint
 from paddle_qat.export import export_onnx
 from program_tools import all_reduce_count, producers
+from test_fleet_qat import fleet_minimize, qat_strategy
 
 FP16, FP32 = core.VarDesc.VarType.FP16, core.VarDesc.VarType.FP32
 AMP_CONFIGS = {
