@@ -255,7 +255,8 @@ def test_scales_beyond_fp16_range_stay_finite_and_positive(gain, steps, fp16_fai
         assert np.isfinite(scale) and scale > 0
         if fp16_fails == "overflow":
             assert 0.5 * gain < scale <= gain * 1.001  # a moving average of batch abs-max
-            assert accum > 65504 and np.isinf(np.float16(accum))
+            with np.errstate(over="ignore"):  # the overflow fp16 state would have hit
+                assert accum > 65504 and np.isinf(np.float16(accum))
         else:
             assert scale < 6e-8 and np.float16(scale) == 0  # below fp16's smallest subnormal
         export_onnx(test, [image], [logits], tmp_path / "m.onnx", scope=scope)
