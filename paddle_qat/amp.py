@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import QATError
-
 # Input slots that the weight-op quant pass quantizes, per op type.
 QUANTIZED_SLOTS = {
     "conv2d": ("Input", "Filter"),
@@ -181,15 +179,6 @@ def restore_low_precision(program, scope, place, hoisted: dict[str, str] | None 
             holder.get_tensor().set(value, place)
     program._sync_with_cpp()
     return changed
-
-
-def check_quant_state_fp32(program) -> None:
-    """Raise if any quant state variable is not fp32 (the invariant this module keeps)."""
-    fp32, _ = _types()
-    for var in program.list_vars():
-        if var.persistable and (var.name.endswith("@scale") or var.name.startswith(
-                ("state_", "accum_"))) and var.dtype != fp32:
-            raise QATError(f"quant variable {var.name} is {var.dtype}, expected float32")
 
 
 def _legacy_any(original):

@@ -162,14 +162,8 @@ def resolve_checkpoint(path) -> Path:
 
 
 def read_meta(path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = resolve_checkpoint(path)
     meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(
-            f"{path} is not a paddle_qat checkpoint (no {META_FILE}); for a checkpoint from "
-            f"the old NVIDIA workaround layout run `python -m paddle_qat migrate` first")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as error:

@@ -36,3 +36,25 @@ def separable_batches(steps: int, batch: int = 16, seed: int = 0, image: int = I
             r, c = divmod(int(label), 2)
             images[i, label % 3, r * half:(r + 1) * half, c * half:(c + 1) * half] += 1.5
         yield {"image": images, "label": labels.astype("int64")}
+
+
+def train_qat(steps: int = 5, optimizer=None):
+    """The residual CNN quantized with ``quantize_program`` and trained ``steps`` steps in a
+    scope of its own: a dict of scope, main, startup, test, image, logits, loss, exe."""
+    import paddle
+
+    import paddle_qat
+
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        main, startup, test, (image, _, logits, loss) = build()
+        with paddle.static.program_guard(main, startup):
+            (optimizer or paddle.optimizer.Momentum(0.05, momentum=0.9)).minimize(loss)
+        paddle_qat.quantize_program(main, startup_program=startup)
+        paddle_qat.quantize_program(test, for_test=True)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        for feed in separable_batches(steps):
+            exe.run(main, feed=feed)
+    return dict(scope=scope, main=main, startup=startup, test=test, image=image,
+                logits=logits, loss=loss, exe=exe)

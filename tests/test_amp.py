@@ -162,26 +162,12 @@ def test_amp_checkpoint_loads_into_fp32_eval_and_exports_without_warnings(
     assert np.isfinite(ort.InferenceSession(str(result.path)).run(None, {"image": images})[0]).all()
 
 
-def _trained_fp32(steps=5):
-    scope = paddle.static.Scope()
-    with paddle.static.scope_guard(scope):
-        main, startup, test, (image, _, logits, loss) = nets.build()
-        with paddle.static.program_guard(main, startup):
-            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
-        paddle_qat.quantize_program(main, startup_program=startup)
-        paddle_qat.quantize_program(test, for_test=True)
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
-        for feed in nets.separable_batches(steps):
-            exe.run(main, feed=feed)
-    return scope, main, test, exe, image, logits
-
-
 def test_migrate_round_trips_an_old_layout_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    scope, main, test, exe, image, logits = _trained_fp32()
+    t = nets.train_qat()
+    scope, main, test, exe, logits = t["scope"], t["main"], t["test"], t["exe"], t["logits"]
     values = {v.name: np.array(scope.find_var(v.name).get_tensor()) for v in main.list_vars()
               if v.persistable and v.name not in ("feed", "fetch")}
     params = {p.name for p in main.all_parameters()}

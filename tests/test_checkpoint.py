@@ -8,7 +8,6 @@ import paddle
 import pytest
 
 import nets
-import paddle_qat
 from paddle_qat.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -20,20 +19,10 @@ from paddle_qat.checkpoint import (
 
 @pytest.fixture
 def trained_qat(tmp_path):
-    scope = paddle.static.Scope()
-    with paddle.static.scope_guard(scope):
-        main, startup, test, (_, _, logits, loss) = nets.build()
-        with paddle.static.program_guard(main, startup):
-            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
-        paddle_qat.quantize_program(main, startup_program=startup)
-        paddle_qat.quantize_program(test, for_test=True)
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
-        for feed in nets.separable_batches(5):
-            exe.run(main, feed=feed)
-        path = save_checkpoint(tmp_path / "ckpt", main, epoch=1, scope=scope)
-    return dict(scope=scope, main=main, test=test, logits=logits, exe=exe, path=path,
-                startup=startup, loss=loss)
+    trained = nets.train_qat()
+    trained["path"] = save_checkpoint(tmp_path / "ckpt", trained["main"], epoch=1,
+                                      scope=trained["scope"])
+    return trained
 
 
 def _eval(exe, program, logits, scope):
