@@ -36,6 +36,7 @@ def install() -> None:
     strategy_cls.qat_configs = property(fleet_property.fget, checked_setter,
                                         doc=fleet_property.__doc__)
     _guard_fleet_minimize()
+    _quantize_in_distributed_model()
     _installed = True
 
 
@@ -73,3 +74,35 @@ def _guard_fleet_minimize() -> None:
         return fleet_minimize(self, loss, *args, **kwargs)
 
     Fleet.minimize = minimize
+
+
+def _quantize_in_distributed_model() -> None:
+    """Dygraph: ``fleet.distributed_model(model)`` quantizes ``model`` when ``strategy.qat``.
+
+    In place, so the optimizer the user built on ``model.parameters()`` (before or after
+    this call) trains the quantized model; quant state is synced across the data-parallel
+    group before every training forward.
+    """
+    import functools
+
+    import paddle
+    from paddle.distributed import fleet
+    from paddle.distributed.fleet import model as fleet_model
+
+    original = fleet_model.distributed_model
+
+    @functools.wraps(original)
+    def distributed_model(model):
+        strategy = fleet.fleet._user_defined_strategy
+        if strategy is not None and strategy.qat:
+            from .config import resolve_config
+            from .dygraph import quantize_model
+
+            group = None
+            if paddle.distributed.get_world_size() > 1 and fleet.fleet._hcg is not None:
+                group = fleet.fleet._hcg.get_data_parallel_group()
+            model = quantize_model(model, resolve_config(strategy), inplace=True, group=group)
+        return original(model)
+
+    fleet_model.distributed_model = distributed_model
+    fleet.distributed_model = distributed_model

@@ -81,7 +81,9 @@ def read_quant_edges(program, scope) -> list[QuantEdge]:
     if not edges:
         raise QATError(
             "the program holds no quantize_linear/dequantize_linear ops: it is not a QAT "
-            "program. Quantize the eval program with fleet.qat_init / quantize_program first"
+            "program. Quantize the eval program with fleet.qat_init / quantize_program first; "
+            "a dygraph model with paddle_qat.dygraph.quantize_model (Paddle's own dygraph "
+            "quanters save fused fake-quant ops that INT8 ONNX cannot reproduce exactly)"
         )
     return edges
 

@@ -1,0 +1,201 @@
+"""Dygraph quanters that simulate exactly what the exported ONNX computes.
+
+Paddle 3.3.1's dygraph quanters are per-tensor only, and its moving-average quanter clips to
+[-127, 127] where ONNX's QuantizeLinear saturates at -128, so a negative activation beyond
+the scale came out one step different after export (measured). These quanters simulate
+levels in [-qmax - 1, qmax]: per-channel abs-max for weights (what a static program's
+``channel_wise_abs_max`` does) and a moving-average abs-max for activations (Paddle's
+update, 0.9 decay). Traced for ``paddle.jit.save``, each writes the ``quantize_linear`` /
+``dequantize_linear`` pair a static QAT program holds, so the saved model exports through
+:mod:`paddle_qat.export` like a static one.
+"""
+
+from __future__ import annotations
+
+import paddle
+from paddle.quantization.base_quanter import BaseQuanter
+from paddle.quantization.factory import QuanterFactory
+
+
+def _round_half_even(x):
+    """Round like ONNX QuantizeLinear and Paddle's quantize_linear (``paddle.round`` rounds
+    half away from zero)."""
+    rounded = paddle.round(x)
+    tie = paddle.abs(x - paddle.trunc(x)) == 0.5
+    return paddle.where(tie, 2 * paddle.round(x / 2), rounded)
+
+
+def _fake_quant(x, step, qmax: int):
+    """``x`` on the integer grid ``step`` x [-qmax - 1, qmax]; gradient straight through."""
+    with paddle.no_grad():
+        simulated = paddle.clip(_round_half_even(x / step), -qmax - 1, qmax) * step
+    return x + (simulated - x).detach()
+
+
+def _state(layer, name: str, shape: list, dtype: str = "float32", value: float = 1.0):
+    """A non-trainable parameter: saved by ``paddle.jit.save``, broadcast by DataParallel."""
+    tensor = layer.create_parameter(
+        shape=shape, dtype=dtype, is_bias=False,
+        attr=paddle.ParamAttr(name=paddle.utils.unique_name.generate(name),
+                              initializer=paddle.nn.initializer.Constant(value),
+                              trainable=False))
+    tensor.stop_gradient = True
+    return tensor
+
+
+def _append_qdq(x, scale, zero_point, axis: int, bits: int):
+    """Trace (``paddle.jit.save``): the quantize_linear / dequantize_linear pair on ``x``."""
+    block = paddle.static.default_main_program().current_block()
+    qmax = 2 ** (bits - 1) - 1
+    # round_type 0 (half to even): with 1, Paddle's kernel ignores qmin and clips at -qmax.
+    attrs = {"quant_axis": axis, "bit_length": bits, "qmin": -qmax - 1, "qmax": qmax,
+             "round_type": 0}
+    levels = block.create_var(name=f"{x.name}.quantized", dtype=x.dtype, shape=x.shape)
+    simulated = block.create_var(name=f"{x.name}.quantized.dequantized", dtype=x.dtype,
+                                 shape=x.shape)
+    inputs = {"Scale": [scale], "ZeroPoint": [zero_point]}
+    block.append_op(type="quantize_linear", inputs={"X": [x], **inputs},
+                    outputs={"Y": [levels]}, attrs=attrs)
+    block.append_op(type="dequantize_linear", inputs={"X": [levels], **inputs},
+                    outputs={"Y": [simulated]}, attrs=attrs)
+    return simulated
+
+
+def output_channel_axis(layer) -> int:
+    """The weight axis that per-channel scales run along (Conv2D: 0, Linear [in, out]: 1)."""
+    if isinstance(layer, paddle.nn.Linear):
+        return 1
+    if isinstance(layer, (paddle.nn.Conv2D, paddle.nn.Conv1D, paddle.nn.Conv3D)):
+        return 0
+    raise TypeError(f"no per-channel weight axis known for {type(layer).__name__}")
+
+
+class AbsMaxWeightQuanter(QuanterFactory):
+    """Factory for :class:`AbsMaxWeightQuanterLayer`, for ``QuantConfig``.
+
+    Example::
+
+        config = QuantConfig(activation=None, weight=None)
+        config.add_type_config(paddle.nn.Conv2D, weight=AbsMaxWeightQuanter(bit_length=8))
+    """
+
+    def __init__(self, bit_length: int = 8, per_channel: bool = True):
+        super().__init__(bit_length=bit_length, per_channel=per_channel)
+
+    def _get_class(self):
+        return AbsMaxWeightQuanterLayer
+
+
+class AbsMaxWeightQuanterLayer(BaseQuanter):
+    """Fake-quantizes a weight with the abs-max of the current weight as scale: one per
+    output channel (``per_channel``) or one for the tensor.
+
+    Forward: ``round(w / s * qmax) * s / qmax``, levels in [-qmax - 1, qmax]; the gradient
+    passes straight through to ``w``.
+    """
+
+    def __init__(self, layer, bit_length: int = 8, per_channel: bool = True):
+        super().__init__()
+        self._bit_length = bit_length
+        self._qmax = 2 ** (bit_length - 1) - 1
+        self._axis = output_channel_axis(layer) if per_channel else -1
+        channels = layer.weight.shape[self._axis] if per_channel else 1
+        self._scale = _state(self, "weight_quant.scale", [channels])
+        self._zero_point = _state(self, "weight_quant.zero_point", [channels], "int32", 0)
+
+    def forward(self, weight):
+        if not paddle.in_dynamic_mode():
+            return _append_qdq(weight, self._scale, self._zero_point, self._axis,
+                               self._bit_length)
+        shape = [1] * weight.ndim
+        with paddle.no_grad():
+            if self._axis >= 0:
+                reduce = [d for d in range(weight.ndim) if d != self._axis]
+                shape[self._axis] = -1
+                scale = paddle.abs(weight).max(axis=reduce)
+            else:
+                scale = paddle.abs(weight).max().reshape([1])
+            scale = paddle.maximum(scale, paddle.to_tensor(1e-8, dtype=scale.dtype))
+            paddle.assign(scale, self._scale)
+        return _fake_quant(weight, (scale / self._qmax).reshape(shape), self._qmax)
+
+    def bit_length(self):
+        return self._bit_length
+
+    def quant_axis(self):
+        return self._axis
+
+    def scales(self):
+        return self._scale
+
+    def zero_points(self):
+        return self._zero_point
+
+
+
+class MovingAverageActivationQuanter(QuanterFactory):
+    """Factory for :class:`MovingAverageActivationQuanterLayer`, for ``QuantConfig``."""
+
+    def __init__(self, bit_length: int = 8, moving_rate: float = 0.9):
+        super().__init__(bit_length=bit_length, moving_rate=moving_rate)
+
+    def _get_class(self):
+        return MovingAverageActivationQuanterLayer
+
+
+class MovingAverageActivationQuanterLayer(BaseQuanter):
+    """Fake-quantizes an activation with a moving-average abs-max scale.
+
+    Training updates ``state = r * state + 1``, ``accum = r * accum + max|x|``,
+    ``scale = accum / state`` (Paddle's moving average, the same initial values), then
+    quantizes with the new scale; eval uses the stored scale. Levels are [-qmax - 1, qmax].
+    ``_scale`` / ``_state`` / ``_accum`` are what :mod:`.state_sync` averages across ranks.
+    """
+
+    def __init__(self, layer, bit_length: int = 8, moving_rate: float = 0.9):
+        super().__init__()
+        self._bit_length = bit_length
+        self._qmax = 2 ** (bit_length - 1) - 1
+        self._moving_rate = moving_rate
+        self._scale = _state(self, "activation_quant.scale", [1], value=0.001)
+        self._state = _state(self, "activation_quant.state", [1])
+        self._accum = _state(self, "activation_quant.accum", [1])
+        self._zero_point = _state(self, "activation_quant.zero_point", [1], "int32", 0)
+
+    def forward(self, x):
+        if not paddle.in_dynamic_mode():
+            return _append_qdq(x, self._scale, self._zero_point, -1, self._bit_length)
+        if self.training:
+            with paddle.no_grad():
+                rate = self._moving_rate
+                paddle.assign(rate * self._state + 1, self._state)
+                paddle.assign(rate * self._accum + paddle.abs(x).max().astype("float32"),
+                              self._accum)
+                paddle.assign(self._accum / self._state, self._scale)
+        step = (self._scale / self._qmax).astype(x.dtype)
+        return _fake_quant(x, step, self._qmax)
+
+    def bit_length(self):
+        return self._bit_length
+
+    def quant_axis(self):
+        return -1
+
+    def scales(self):
+        return self._scale
+
+    def zero_points(self):
+        return self._zero_point
+
+
+def refresh_weight_scales(model) -> int:
+    """Recompute every weight scale from the current weights (the stored scale
+    dates from the last forward, before the last optimizer step); returns how many."""
+    count = 0
+    with paddle.no_grad():
+        for _, layer in model.named_sublayers(include_self=True):
+            quanter = getattr(layer, "weight_quanter", None)
+            if isinstance(quanter, AbsMaxWeightQuanterLayer):
+                quanter(layer.weight)
+                count += 1
+    return count
