@@ -1,12 +1,14 @@
-"""End-to-end demo: FP32 training, fleet QAT fine-tuning, ONNX export, ONNX Runtime evaluation.
+"""End-to-end demo: FP32 training, PTQ baselines, fleet QAT fine-tuning, ONNX, ONNX Runtime.
 
 Runs on 2 CPU cores in a few minutes with scikit-learn's bundled handwritten digits
 (8x8, upscaled to 16x16), so it needs no download:
 
     python -m paddle_qat.demo --out runs/demo
 
-Prints one table (accuracy, latency at batch 1, model size) for the FP32 and QAT models as
-ONNX Runtime runs them.
+For 8-bit weights and a low-bit setting (``--low-bits``, 4 by default) it calibrates PTQ
+models with each calibrator (max, percentile, MSE, entropy) and fine-tunes a QAT model
+(``strategy.qat = True``) whose scales start from PTQ's. Every model is exported to ONNX
+and run by ONNX Runtime; one table prints accuracy, latency at batch 1 and model size.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 import paddle_qat  # noqa: F401  (legacy IR before paddle, fleet QAT installed)
+from paddle_qat.calibration import METHODS, CalibrationConfig
 from paddle_qat.models import ModelSpec, build_classifier
 
 SPEC = ModelSpec("residual_cnn", in_channels=1, image_size=16, classes=10, width=16)
+CALIBRATION_IMAGES = 256  # from the training split, the usual few hundred
 
 
 @dataclass
@@ -53,6 +57,12 @@ def _build(seed: int):
     with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
         tensors = build_classifier(SPEC)
     return main, startup, main.clone(for_test=True), tensors
+
+
+def _calibration_batches(train, batch: int = 64):
+    images, labels = train
+    for start in range(0, CALIBRATION_IMAGES, batch):
+        yield {"image": images[start:start + batch], "label": labels[start:start + batch]}
 
 
 def _epochs(exe, program, loss, train, epochs, batch, seed, desc, on_epoch=None):
@@ -107,22 +117,82 @@ def _export_float(program, feed, fetch, scope, path):
                            opset_version=13, verbose=False)
 
 
-def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
-        weight_bits: int = 8, seed: int = 0) -> list[Result]:
-    """The whole pipeline; returns the table's rows."""
+def _copy_weights(names, source, target, place) -> None:
+    for name in names:
+        target.var(name).get_tensor().set(np.array(source.find_var(name).get_tensor()),
+                                               place)
+
+
+def _ptq(path, weight_bits, method, fp32_scope, fp32_state, train) -> None:
+    """Calibrate the FP32 weights into a PTQ model with QAT's Q/DQ placement; export it."""
+    import paddle
+
+    from .config import QATConfig
+    from .export import export_onnx
+    from .export.saved import build_eval_program
+    from .ptq import calibrate
+
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        program, image, logits = build_eval_program(SPEC, QATConfig(weight_bits=weight_bits),
+                                                    scope)
+        _copy_weights(fp32_state, fp32_scope, scope, paddle.CPUPlace())
+        calibrate(program, _calibration_batches(train), CalibrationConfig(method=method),
+                  scope=scope)
+        export_onnx(program, [image], [logits], path, scope=scope)
+
+
+def _qat(out, weight_bits, init_method, epochs, batch, seed, fp32_scope, fp32_state, train,
+         checkpoints) -> Path:
+    """Fine-tune with fleet ``strategy.qat = True`` from the FP32 weights and PTQ scales."""
     import paddle
     from paddle.distributed import fleet
 
     from .checkpoint import save_checkpoint
     from .config import resolve_config
     from .export import export_inference_model, export_onnx
+    from .ptq import calibrate
+
+    place = paddle.CPUPlace()
+    scope = paddle.static.Scope()
+    main, startup, eval_prog, (image, _, logits, loss) = _build(seed)
+    strategy = fleet.DistributedStrategy()
+    strategy.qat = True
+    strategy.qat_configs = {"weight_bits": weight_bits}
+    with paddle.static.scope_guard(scope):
+        with paddle.static.program_guard(main, startup):
+            optimizer = fleet.distributed_optimizer(
+                paddle.optimizer.Momentum(0.01, momentum=0.9), strategy)
+            optimizer.minimize(loss)
+        exe = paddle.static.Executor(place)
+        exe.run(startup)
+        _copy_weights(fp32_state, fp32_scope, scope, place)  # weights and BN statistics
+        optimizer.qat_init(place, scope=scope, test_program=eval_prog)
+        calibrate(eval_prog, _calibration_batches(train), CalibrationConfig(method=init_method),
+                  scope=scope, train_program=main)
+        meta = {"model": SPEC.to_dict(), "qat_config": resolve_config(strategy).to_dict()}
+        _epochs(exe, main, loss, train, epochs, batch, seed + 1, f"qat w{weight_bits}",
+                on_epoch=lambda epoch: save_checkpoint(checkpoints, main, epoch=epoch,
+                                                       scope=scope, meta=meta))
+        path = out / f"qat_w{weight_bits}.onnx"
+        export_onnx(eval_prog, [image], [logits], path, scope=scope)
+        if weight_bits == 8:
+            export_inference_model(out / "inference" / "qat", [image], [logits], exe,
+                                   eval_prog)
+    return path
+
+
+def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
+        low_bits: int = 4, qat_init: str = "percentile", seed: int = 0) -> list[Result]:
+    """The whole pipeline; returns the table's rows."""
+    import paddle
+    from paddle.distributed import fleet
 
     paddle.enable_static()
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_digits(seed)
     np.save(out / "test_images.npy", test[0])  # for scripts/inference/infer_*.sh
     np.save(out / "test_labels.npy", test[1][:, 0])
-    place = paddle.CPUPlace()
 
     # 1. FP32 baseline
     fp32_scope = paddle.static.Scope()
@@ -130,47 +200,32 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
     with paddle.static.scope_guard(fp32_scope):
         with paddle.static.program_guard(main, startup):
             paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
-        exe = paddle.static.Executor(place)
+        exe = paddle.static.Executor(paddle.CPUPlace())
         exe.run(startup)
         _epochs(exe, main, loss, train, fp32_epochs, batch, seed, "fp32")
     _export_float(eval_prog, [image], [logits], fp32_scope, out / "fp32.onnx")
     fp32_state = [v.name for v in eval_prog.list_vars()
                   if v.persistable and v.name not in ("feed", "fetch")]
+    rows = [_evaluate_onnx("FP32", out / "fp32.onnx", test)]
 
-    # 2. QAT fine-tuning from the FP32 weights, through fleet with strategy.qat = True
+    # 2. PTQ with each calibrator, then QAT started from PTQ's scales, per weight width
     fleet.init(is_collective=True)
-    qat_scope = paddle.static.Scope()
-    main, startup, eval_prog, (image, _, logits, loss) = _build(seed)
-    strategy = fleet.DistributedStrategy()
-    strategy.qat = True
-    strategy.qat_configs = {"weight_bits": weight_bits}
-    with paddle.static.scope_guard(qat_scope):
-        with paddle.static.program_guard(main, startup):
-            optimizer = fleet.distributed_optimizer(
-                paddle.optimizer.Momentum(0.01, momentum=0.9), strategy)
-            optimizer.minimize(loss)
-        exe = paddle.static.Executor(place)
-        exe.run(startup)
-        for name in fp32_state:  # weights and BN statistics, from the FP32 run
-            qat_scope.find_var(name).get_tensor().set(
-                np.array(fp32_scope.find_var(name).get_tensor()), place)
-        optimizer.qat_init(place, scope=qat_scope, test_program=eval_prog)
-        meta = {"model": SPEC.to_dict(), "qat_config": resolve_config(strategy).to_dict()}
-        _epochs(exe, main, loss, train, qat_epochs, batch, seed + 1, "qat",
-                on_epoch=lambda epoch: save_checkpoint(out / "checkpoints", main, epoch=epoch,
-                                                       scope=qat_scope, meta=meta))
-        export_onnx(eval_prog, [image], [logits], out / "qat_int8.onnx", scope=qat_scope)
-        export_inference_model(out / "inference" / "qat", [image], [logits], exe, eval_prog)
-
-    rows = [_evaluate_onnx("FP32", out / "fp32.onnx", test),
-            _evaluate_onnx(f"QAT INT8 (w{weight_bits}a8)", out / "qat_int8.onnx", test)]
+    for bits in (8, low_bits):
+        for method in METHODS:
+            path = out / f"ptq_w{bits}_{method}.onnx"
+            _ptq(path, bits, method, fp32_scope, fp32_state, train)
+            rows.append(_evaluate_onnx(f"PTQ w{bits}a8 {method}", path, test))
+        checkpoints = out / ("checkpoints" if bits == 8 else f"checkpoints_w{bits}")
+        path = _qat(out, bits, qat_init, qat_epochs, batch, seed, fp32_scope, fp32_state,
+                    train, checkpoints)
+        rows.append(_evaluate_onnx(f"QAT w{bits}a8", path, test))
     print(format_table(rows))
     return rows
 
 
 def format_table(rows: list[Result]) -> str:
-    lines = [f"{'model':<20} {'accuracy':>9} {'latency bs1 (ms)':>17} {'size (KiB)':>11}"]
-    lines += [f"{r.name:<20} {r.accuracy:>9.4f} {r.latency_ms:>17.3f} {r.size_kb:>11.1f}"
+    lines = [f"{'model':<22} {'accuracy':>9} {'latency bs1 (ms)':>17} {'size (KiB)':>11}"]
+    lines += [f"{r.name:<22} {r.accuracy:>9.4f} {r.latency_ms:>17.3f} {r.size_kb:>11.1f}"
               for r in rows]
     return "\n".join(lines)
 
@@ -178,14 +233,18 @@ def format_table(rows: list[Result]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"),
-                        help="folder for the exported models (default: runs/demo)")
-    parser.add_argument("--fp32-epochs", type=int, default=30)
-    parser.add_argument("--qat-epochs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--weight-bits", type=int, default=8, choices=range(2, 9))
+                        help="folder for models, checkpoints and data (default: runs/demo)")
+    parser.add_argument("--fp32-epochs", type=int, default=30, help="FP32 epochs (30)")
+    parser.add_argument("--qat-epochs", type=int, default=3, help="QAT epochs per width (3)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (32)")
+    parser.add_argument("--low-bits", type=int, default=4, choices=range(2, 8),
+                        help="weight bits of the low-bit setting (4)")
+    parser.add_argument("--qat-init", default="percentile", choices=METHODS,
+                        help="calibrator whose scales QAT starts from (percentile)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    run(args.out, args.fp32_epochs, args.qat_epochs, args.batch, args.weight_bits, args.seed)
+    run(args.out, args.fp32_epochs, args.qat_epochs, args.batch, args.low_bits, args.qat_init,
+        args.seed)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,38 @@ from paddle_qat.export.checker import check_model
 
 def test_short_demo_trains_exports_and_evaluates(demo_run):
     tmp_path, rows, printed = demo_run
-    assert [r.name for r in rows] == ["FP32", "QAT INT8 (w8a8)"]
-    fp32, qat = rows
+    by_name = {r.name: r for r in rows}
+    methods = ("max", "percentile", "mse", "entropy")
+    assert list(by_name) == ["FP32", *[f"PTQ w8a8 {m}" for m in methods], "QAT w8a8",
+                             *[f"PTQ w4a8 {m}" for m in methods], "QAT w4a8"]
     # 10 classes, chance is 0.1. Short FP32 runs vary a lot between runs (seen 0.59-0.80,
     # CPU kernels are not bitwise deterministic); QAT fine-tuning lands at 0.90-0.93.
-    assert fp32.accuracy > 0.3 and qat.accuracy > 0.7
-    assert qat.size_kb < fp32.size_kb  # int8 weights
-    qat_model = onnx.load(str(tmp_path / "qat_int8.onnx"))
-    assert check_model(qat_model) == []
-    assert any(n.op_type == "QuantizeLinear" for n in qat_model.graph.node)
+    assert by_name["FP32"].accuracy > 0.3 and by_name["QAT w8a8"].accuracy > 0.7
+    for bits, margin in ((8, 0.0), (4, 0.05)):
+        best_ptq = max(by_name[f"PTQ w{bits}a8 {m}"].accuracy for m in methods)
+        assert by_name[f"QAT w{bits}a8"].accuracy >= best_ptq + margin, (bits, printed)
+    for method in methods:  # every calibrator gives a usable 8-bit model
+        assert by_name[f"PTQ w8a8 {method}"].accuracy > by_name["FP32"].accuracy - 0.1
+    assert by_name["QAT w8a8"].size_kb < by_name["FP32"].size_kb  # int8 weights
+    for name in ("qat_w8.onnx", "qat_w4.onnx", "ptq_w8_mse.onnx", "ptq_w4_entropy.onnx"):
+        model = onnx.load(str(tmp_path / name))
+        assert check_model(model) == []
+        assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert not any(n.op_type == "QuantizeLinear"
                    for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node)
     assert "latency bs1 (ms)" in printed
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "epoch_0001", "epoch_0002", "latest"]
+
+
+def test_four_bit_weights_take_sixteen_levels_in_the_export(demo_run):
+    from onnx import numpy_helper
+
+    tmp_path, _, _ = demo_run
+    model = onnx.load(str(tmp_path / "qat_w4.onnx"))
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer
+               if t.name.endswith(".int8")]
+    assert weights and all(w.min() >= -8 and w.max() <= 7 for w in weights)
 
 
 def test_demo_help():

@@ -1,0 +1,91 @@
+"""Calibrators on data whose right answer is known."""
+
+import numpy as np
+import pytest
+
+from paddle_qat import QATConfigError
+from paddle_qat.calibration import (
+    METHODS,
+    AbsHistogram,
+    ActivationCalibrator,
+    CalibrationConfig,
+)
+
+
+def _thresholds(method, batches, **config):
+    calibrator = ActivationCalibrator(CalibrationConfig(method=method, **config))
+    for batch in batches:
+        calibrator.collect(batch)
+    return calibrator.thresholds()
+
+
+def _quant_mse(x, threshold, bits=8):
+    step = threshold / (2 ** (bits - 1) - 1)
+    simulated = np.clip(np.round(x / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step
+    return float(np.mean((x - simulated) ** 2))
+
+
+def test_max_is_the_largest_magnitude_over_all_batches():
+    rng = np.random.default_rng(0)
+    batches = [{"a": rng.normal(size=1000)}, {"a": np.array([-7.5, 1.0])},
+               {"a": rng.normal(size=9)}]
+    assert _thresholds("max", batches) == {"a": pytest.approx(7.5)}
+
+
+def test_histogram_keeps_every_count_when_the_range_grows():
+    hist = AbsHistogram(2048)
+    hist.add(np.linspace(-1, 1, 1001))
+    hist.add(np.array([5.0, -3.0]))
+    assert hist.counts.sum() == 1003 and hist.top == 5.0
+    assert hist.counts[:410].sum() == 1001  # the first batch re-binned below |x| = 1
+
+
+def test_percentile_of_a_normal_distribution():
+    rng = np.random.default_rng(1)
+    batches = [{"a": rng.normal(size=200_000).astype("float32")} for _ in range(5)]
+    # P(|x| < 3.8906) = 99.99 % for a standard normal
+    assert _thresholds("percentile", batches)["a"] == pytest.approx(3.8906, rel=0.03)
+    assert _thresholds("percentile", batches, percentile=99.0)["a"] == pytest.approx(
+        2.5758, rel=0.03)
+
+
+def test_mse_picks_the_threshold_with_the_least_quantization_error():
+    rng = np.random.default_rng(2)
+    x = rng.laplace(size=400_000).astype("float32")
+    x[:20] = 60.0  # a few outliers stretch max
+    found = {m: _thresholds(m, [{"a": x}], bits=4)["a"] for m in ("max", "percentile", "mse")}
+    errors = {m: _quant_mse(x, t, bits=4) for m, t in found.items()}
+    assert found["mse"] < found["max"]
+    assert errors["mse"] <= min(errors.values()) * 1.02, (found, errors)
+
+
+def test_entropy_clips_outliers_and_ignores_the_relu_zero_spike():
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.normal(size=(64, 16, 16, 16)), 0).astype("float32")  # half zeros
+    x.flat[0] = 40.0
+    threshold = _thresholds("entropy", [{"a": x}])["a"]
+    # With the zero spike counted, KL picked the smallest candidate, 128 of 2048 bins of
+    # [0, 40] = 2.5 (measured); a range that keeps N(0, 1)'s tail is near 4.
+    assert 3.5 < threshold < 10.0
+
+
+def test_an_all_zero_tensor_gets_a_tiny_positive_threshold():
+    for method in METHODS:
+        assert 0 < _thresholds(method, [{"a": np.zeros(10)}])["a"] <= 1e-8
+
+
+@pytest.mark.parametrize("config, match", [
+    (dict(method="kl"), "calibration method 'kl' is unknown"),
+    (dict(percentile=0), "percentile must be in"),
+    (dict(bins=16), "bins must be >= 256"),
+])
+def test_bad_config_is_named(config, match):
+    with pytest.raises(QATConfigError, match=match):
+        CalibrationConfig(**config)
+
+
+def test_nan_activations_and_missing_data_are_named():
+    with pytest.raises(QATConfigError, match="'a' holds NaN"):
+        ActivationCalibrator().collect({"a": np.array([1.0, np.nan])})
+    with pytest.raises(QATConfigError, match="no calibration data"):
+        ActivationCalibrator().thresholds()
