@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from paddle import static
 
-from paddle_qat.models.residual_cnn import residual_cnn as _residual_cnn
+from paddle_qat.models import ModelSpec, build_classifier
 
 IMAGE = 8
 CLASSES = 4
@@ -13,7 +13,8 @@ CLASSES = 4
 
 def residual_cnn(image: int = IMAGE, classes: int = CLASSES, channels: int = 8):
     """The demo's conv/bn/relu -> residual block -> maxpool -> avgpool -> fc, made tiny."""
-    return _residual_cnn(in_channels=3, image=image, classes=classes, width=channels)
+    return build_classifier(ModelSpec("residual_cnn", in_channels=3, image_size=image,
+                                      classes=classes, width=channels))
 
 
 def build(net=residual_cnn, seed: int = 7):
