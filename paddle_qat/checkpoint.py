@@ -44,9 +44,12 @@ class CheckpointError(QATError, OSError):
     """A checkpoint is missing, truncated, corrupt or does not fit the program."""
 
 
+QUANT_STATE_SUFFIXES = ("@scale", "@zero_point", "@state", "@accum")
+
+
 def is_quant_state(name: str) -> bool:
     """Scales, zero points and moving-average state/accum of the quant passes."""
-    return name.endswith(("@scale", "@zero_point")) or name.startswith(("state_", "accum_"))
+    return name.endswith(QUANT_STATE_SUFFIXES)
 
 
 def _persistables(program):
@@ -250,6 +253,12 @@ def check_fits(program, values: dict[str, np.ndarray], names) -> None:
             problems.append(f"{name}: shape {list(value.shape)}, program wants {want_shape}")
         if str(value.dtype) != _dtype_name(var):
             problems.append(f"{name}: dtype {value.dtype}, program wants {_dtype_name(var)}")
+    missing_state = any(p.split(":")[0].endswith(("@state", "@accum")) for p in problems)
+    if missing_state and any(k.startswith(("state_", "accum_")) for k in values):
+        problems.append("the checkpoint names moving-average state state_N / accum_N, which "
+                        "paddle_qat 0.1 numbered in a different order in every process: that "
+                        "state cannot be matched to its quantizer. Start a new run from its "
+                        "weights with --from-pretrained-params (scales are recalibrated)")
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems[:40])
         more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
@@ -280,6 +289,53 @@ def load_checkpoint(path, program, *, scope=None, place=None, optimizer_state: b
         wanted = model_var_names(program)
     masters, upcast = _fp32_parameters(path, program, values)
     check_fits(program, values, wanted)
+    for name in sorted(wanted):
+        scope.var(name).get_tensor().set(values[name], place)
+    return LoadReport(loaded=sorted(wanted), unused=sorted(set(values) - wanted),
+                      from_master_weights=masters, upcast=upcast)
+
+
+def _read_pdparams(path: Path) -> dict[str, np.ndarray]:
+    """A bare ``.pdparams`` file (``paddle.static.save`` / DeepLearningExamples' format)."""
+    import paddle
+
+    file_path = path if path.suffix == ".pdparams" else path.with_name(path.name + ".pdparams")
+    if not file_path.is_file():
+        raise CheckpointError(f"pretrained parameters {path} do not exist: pass a paddle_qat "
+                              f"checkpoint folder or a .pdparams file (with or without suffix)")
+    try:
+        values = paddle.load(str(file_path), return_numpy=True)
+    except Exception as error:  # Paddle raises bare pickle/ValueError/RuntimeError here
+        raise CheckpointError(f"{file_path} is not a readable .pdparams file: {error}") from None
+    return {name: np.asarray(value) for name, value in values.items()}
+
+
+def load_pretrained(path, program, *, scope=None, place=None) -> LoadReport:
+    """Initialise ``program``'s parameters (weights and BN statistics, not quant state or
+    optimizer state) from a checkpoint folder or a ``.pdparams`` file, e.g. an FP32 run
+    that QAT fine-tunes. Every parameter must be there with its shape; extra entries are
+    reported as unused.
+    """
+    import paddle
+
+    scope = paddle.static.global_scope() if scope is None else scope
+    place = paddle.CPUPlace() if place is None else place
+    path = Path(path)
+    if path.is_dir() or (path / META_FILE).exists():
+        checkpoint = resolve_checkpoint(path)
+        values = read_values(checkpoint, MODEL_FILE)
+        masters, upcast = _fp32_parameters(checkpoint, program, values)
+    else:
+        values, masters, upcast = _read_pdparams(path), [], []
+    wanted = {name for name in model_var_names(program) if not is_quant_state(name)}
+    block = program.global_block()
+    # Pure-FP16 programs declare fp16 parameters: load the fp32 values as they are and let
+    # amp_init keep them as master weights and cast them, so only check them as fp16.
+    as_checked = {name: value.astype(np.float16)
+                  if name in wanted and value.dtype == np.float32
+                  and _dtype_name(block._find_var_recursive(name)) == "float16" else value
+                  for name, value in values.items()}
+    check_fits(program, as_checked, wanted)
     for name in sorted(wanted):
         scope.var(name).get_tensor().set(values[name], place)
     return LoadReport(loaded=sorted(wanted), unused=sorted(set(values) - wanted),

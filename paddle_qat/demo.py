@@ -104,19 +104,6 @@ def _evaluate_onnx(name, path, test) -> Result:
     return Result(name, accuracy, latency, Path(path).stat().st_size / 1024)
 
 
-def _export_float(program, feed, fetch, scope, path):
-    import tempfile
-
-    import paddle
-    import paddle2onnx
-
-    with tempfile.TemporaryDirectory() as tmp, paddle.static.scope_guard(scope):
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        paddle.static.save_inference_model(f"{tmp}/m", feed, fetch, exe, program=program)
-        paddle2onnx.export(f"{tmp}/m.pdmodel", f"{tmp}/m.pdiparams", str(path),
-                           opset_version=13, verbose=False)
-
-
 def _copy_weights(names, source, target, place) -> None:
     for name in names:
         target.var(name).get_tensor().set(np.array(source.find_var(name).get_tensor()),
@@ -188,6 +175,8 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
     import paddle
     from paddle.distributed import fleet
 
+    from .export import export_float_onnx
+
     paddle.enable_static()
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_digits(seed)
@@ -203,7 +192,7 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
         exe = paddle.static.Executor(paddle.CPUPlace())
         exe.run(startup)
         _epochs(exe, main, loss, train, fp32_epochs, batch, seed, "fp32")
-    _export_float(eval_prog, [image], [logits], fp32_scope, out / "fp32.onnx")
+    export_float_onnx(eval_prog, [image], [logits], out / "fp32.onnx", scope=fp32_scope)
     fp32_state = [v.name for v in eval_prog.list_vars()
                   if v.persistable and v.name not in ("feed", "fetch")]
     rows = [_evaluate_onnx("FP32", out / "fp32.onnx", test)]

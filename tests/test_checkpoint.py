@@ -37,7 +37,7 @@ def test_eval_program_loads_weights_and_scales_into_a_new_scope(trained_qat):
     scope = paddle.static.Scope()
     report = load_checkpoint(t["path"], t["test"], scope=scope)
     assert any(n.endswith("@scale") for n in report.loaded)
-    assert any(n.startswith("state_") for n in report.unused)  # training-only quant state
+    assert any(n.endswith("@state") for n in report.unused)  # training-only quant state
     np.testing.assert_array_equal(_eval(t["exe"], t["test"], t["logits"], scope), expected)
 
 
@@ -124,3 +124,39 @@ def test_mismatch_lists_every_variable_by_name(trained_qat):
     assert "conv2d_0.w_0: shape [2, 3, 3, 3], program wants [8, 3, 3, 3]" in message
     assert "image@scale: dtype float16, program wants float32" in message
     assert "fc_0.w_0@scale: missing (checkpoint has 'fc_0.w_0@scale.cast_fp16'" in message
+
+
+def test_pretrained_parameters_from_a_pdparams_file_or_a_checkpoint(trained_qat, tmp_path):
+    """QAT fine-tuning starts from FP32 weights: parameters only, from either format."""
+    from paddle_qat.checkpoint import is_quant_state, load_pretrained, model_var_names
+
+    t = trained_qat
+    params = {n: np.array(t["scope"].find_var(n).get_tensor())
+              for n in model_var_names(t["test"]) if not is_quant_state(n)}
+    paddle.save(params, str(tmp_path / "fp32.pdparams"))
+    main, _, _, _ = nets.build()
+    for source in (tmp_path / "fp32", t["path"]):  # DLE-style prefix; our checkpoint
+        scope = paddle.static.Scope()
+        report = load_pretrained(source, main, scope=scope)
+        assert set(report.loaded) == set(params)
+        for name, value in params.items():
+            np.testing.assert_array_equal(np.array(scope.find_var(name).get_tensor()), value)
+    del params["conv2d_0.w_0"]
+    paddle.save(params, str(tmp_path / "partial.pdparams"))
+    with pytest.raises(CheckpointError, match="conv2d_0.w_0: missing"):
+        load_pretrained(tmp_path / "partial.pdparams", main, scope=paddle.static.Scope())
+    with pytest.raises(CheckpointError, match="do not exist"):
+        load_pretrained(tmp_path / "nothing", main, scope=paddle.static.Scope())
+
+
+def test_old_numbered_moving_average_state_is_explained(trained_qat, tmp_path):
+    from paddle_qat.checkpoint import read_values, write_checkpoint
+
+    t = trained_qat
+    model = {(f"state_{i}" if n.endswith("@state") else n): v
+             for i, (n, v) in enumerate(read_values(t["path"], "model.pdparams").items())}
+    old = write_checkpoint(tmp_path / "old", epoch=1, model=model,
+                           optimizer=read_values(t["path"], "model.pdopt"), meta={})
+    load_checkpoint(old, t["test"], scope=paddle.static.Scope())  # eval needs no state
+    with pytest.raises(CheckpointError, match="numbered in a different order"):
+        load_checkpoint(old, t["main"], scope=paddle.static.Scope(), optimizer_state=True)

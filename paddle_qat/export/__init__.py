@@ -5,7 +5,8 @@ Heavy dependencies (paddle2onnx, onnx) are imported inside the functions that us
 
 from .quant_map import QuantEdge, read_quant_edges
 
-__all__ = ["QuantEdge", "read_quant_edges", "export_onnx", "export_inference_model"]
+__all__ = ["QuantEdge", "read_quant_edges", "export_onnx", "export_float_onnx",
+           "export_inference_model"]
 
 
 def export_onnx(*args, **kwargs):
@@ -13,6 +14,13 @@ def export_onnx(*args, **kwargs):
     from .onnx_export import export_onnx as _export_onnx
 
     return _export_onnx(*args, **kwargs)
+
+
+def export_float_onnx(*args, **kwargs):
+    """See :func:`paddle_qat.export.onnx_export.export_float_onnx`."""
+    from .onnx_export import export_float_onnx as _export
+
+    return _export(*args, **kwargs)
 
 
 def export_inference_model(*args, **kwargs):

@@ -71,3 +71,17 @@ def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int 
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
     return OnnxExport(path, tuple(edges))
+
+
+def export_float_onnx(program, feed_vars, fetch_vars, path, *, scope=None,
+                      opset: int = DEFAULT_OPSET) -> Path:
+    """Export an FP32 (unquantized) eval program to ONNX with paddle2onnx, atomically."""
+    import onnx
+    import paddle
+
+    scope = paddle.static.global_scope() if scope is None else scope
+    model = _float_onnx(program, feed_vars, fetch_vars, scope, opset)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+    return path

@@ -64,5 +64,11 @@ def build_classifier(spec: ModelSpec, label_smoothing: float = 0.0):
     import paddle.nn.functional as F
 
     image, label, logits = MODELS[spec.name](spec)
-    loss = paddle.mean(F.cross_entropy(logits, label, label_smoothing=label_smoothing))
+    if label_smoothing > 0:
+        # F.cross_entropy(label_smoothing=...) rejects int64 labels in static programs.
+        target = F.label_smooth(F.one_hot(paddle.squeeze(label, -1), spec.classes),
+                                epsilon=label_smoothing)
+        loss = paddle.mean(F.cross_entropy(logits, target, soft_label=True))
+    else:
+        loss = paddle.mean(F.cross_entropy(logits, label))
     return image, label, logits, loss

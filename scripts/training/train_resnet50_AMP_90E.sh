@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# ResNet50 v1.5 AMP baseline, 90 epochs on ImageNet (DeepLearningExamples' recipe).
+#
+# Usage: scripts/training/train_resnet50_AMP_90E.sh [train.py flags, e.g. --image-root /data]
+#   GPUS / IPS / LAUNCH as in scripts/training/launch.sh. Writes ./output/epoch_NNNN and
+#   ./inference_amp/resnet_50_paddle.{pdmodel,pdiparams,onnx}.
+set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+exec bash "$(dirname "$0")/launch.sh" --epochs 90 --amp --scale-loss 128.0 \
+    --use-dynamic-loss-scaling --inference-dir ./inference_amp "$@"
