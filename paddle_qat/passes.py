@@ -86,10 +86,17 @@ def _mark_skipped(program, config: QATConfig) -> tuple[list[str], list[str]]:
     return quantized, skipped
 
 
-def _scale_snapshot(scope) -> dict[str, np.ndarray]:
+def _quant_state_snapshot(scope) -> dict[str, np.ndarray]:
+    """Every initialized quant variable already in ``scope``. Paddle's passes initialize the
+    variables they create, and their ``state_N`` / ``accum_N`` names restart at 0 under a
+    fresh ``unique_name.guard()``: quantizing an eval program after (or while resuming)
+    training would reset the training program's moving averages (measured: a resumed run
+    diverged from the uninterrupted one)."""
+    from .checkpoint import is_quant_state
+
     saved = {}
     for name in scope.local_var_names():
-        if not name.endswith("@scale"):
+        if not is_quant_state(name):
             continue
         tensor = scope.find_var(name).get_tensor()
         if tensor._is_initialized():
@@ -192,15 +199,40 @@ def _set_integer_ranges(program) -> None:
                 op._set_attr("qmin", -qmax - 1)
 
 
+def _stable_state_names(program, scope, place) -> None:
+    """Name each quantizer's moving-average state after its output (``X.quantized@state``).
+
+    Paddle's passes call them ``state_N`` / ``accum_N`` in graph-node order, which differs
+    from process to process (measured: three runs, three orders), so a checkpoint's
+    ``accum_0`` belonged to another quantizer when a new process loaded it.
+    """
+    block = program.global_block()
+    for op in block.ops:
+        if "InState" not in op.input_names:
+            continue
+        output = op.output("Y") if "Y" in op.output_names else op.output("Out")
+        for slot, suffix in (("InState", "@state"), ("InAccum", "@accum")):
+            if not op.input(slot) or not output:
+                continue
+            old = op.input(slot)[0]
+            new = f"{output[0]}{suffix}"
+            if old == new or not block.has_var(old):
+                continue
+            block._rename_var(old, new)
+            holder = scope.find_var(old)
+            if holder is not None and holder.get_tensor()._is_initialized():
+                scope.var(new).get_tensor().set(np.array(holder.get_tensor()), place)
+
+
 def _add_startup_initializers(program, startup_program, scope) -> None:
     """Give every quant variable of ``program`` an initializer in ``startup_program``."""
+    from .checkpoint import is_quant_state
+
     startup_block = startup_program.global_block()
     for var in program.list_vars():
         if not var.persistable or startup_block.has_var(var.name):
             continue
-        is_quant_state = var.name.endswith(("@scale", "@zero_point")) or var.name.startswith(
-            ("state_", "accum_"))
-        if not is_quant_state:
+        if not is_quant_state(var.name):
             continue
         holder = scope.find_var(var.name)
         if holder is None or not holder.get_tensor()._is_initialized():
@@ -259,7 +291,7 @@ def quantize_program(
     place = paddle.framework._current_expected_place() if place is None else place
 
     quantized, skipped = _mark_skipped(program, config)
-    saved_scales = _scale_snapshot(scope)
+    saved_state = _quant_state_snapshot(scope)
     hoist_types = set(config.weight_op_types) | (
         {"elementwise_add"} if config.quantize_residual_add else set())
     hoisted = amp.hoist_casts(program, hoist_types)
@@ -267,7 +299,8 @@ def quantize_program(
     amp.restore_low_precision(program, scope, place, hoisted, hoist_types)
     _fix_weight_axes(program, scope, place)
     _set_integer_ranges(program)
-    _restore(scope, place, saved_scales)
+    _stable_state_names(program, scope, place)
+    _restore(scope, place, saved_state)
     if startup_program is not None:
         _add_startup_initializers(program, startup_program, scope)
     scales = sorted({

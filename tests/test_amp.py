@@ -237,7 +237,7 @@ def test_scales_beyond_fp16_range_stay_finite_and_positive(gain, steps, fp16_fai
             exe.run(main, feed=feed)
         scale = float(np.array(scope.find_var("image@scale").get_tensor())[0])
         accum = max(float(np.array(scope.find_var(n).get_tensor()).max())
-                    for n in scope.local_var_names() if n.startswith("accum_"))
+                    for n in scope.local_var_names() if n.endswith("@accum"))
         assert np.isfinite(scale) and scale > 0
         if fp16_fails == "overflow":
             assert 0.5 * gain < scale <= gain * 1.001  # a moving average of batch abs-max

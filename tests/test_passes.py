@@ -140,3 +140,49 @@ def test_activation_only_ops_get_input_qdq():
         assert made_by[pool.input("X")[0]].type == "dequantize_linear"
 
 
+
+
+def test_quantizing_an_eval_program_keeps_the_trained_moving_averages():
+    """Both programs built under a fresh unique_name.guard() (as build_eval_program and the
+    training script do) give the pass the same ``state_N`` / ``accum_N`` names; quantizing the
+    eval program once training has run must not reset training's state."""
+    from paddle_qat.checkpoint import is_quant_state
+
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope), paddle.utils.unique_name.guard():
+        main, startup, _, (_, _, _, loss) = nets.build()
+        with paddle.static.program_guard(main, startup):
+            paddle.optimizer.SGD(0.01).minimize(loss)
+        paddle_qat.quantize_program(main, startup_program=startup)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        for feed in nets.separable_batches(3):
+            exe.run(main, feed=feed)
+    trained = {n: np.array(scope.find_var(n).get_tensor())
+               for n in scope.local_var_names() if is_quant_state(n)}
+    assert any(n.endswith("@state") and v[0] > 2 for n, v in trained.items())
+    with paddle.static.scope_guard(scope), paddle.utils.unique_name.guard():
+        _, _, test, _ = nets.build()
+        paddle_qat.quantize_program(test, for_test=True, scope=scope)
+    for name, value in trained.items():
+        np.testing.assert_array_equal(np.array(scope.find_var(name).get_tensor()), value,
+                                      err_msg=name)
+
+
+def test_moving_average_state_is_named_after_its_quantizer():
+    """Paddle numbers state_N / accum_N in an order that changes between processes, so a
+    resumed run loaded each quantizer's state into another; names follow the output now."""
+    main, startup, _, (_, _, _, loss) = nets.build()
+    with static.program_guard(main, startup):
+        paddle.optimizer.SGD(0.01).minimize(loss)
+    paddle_qat.quantize_program(main, startup_program=startup, scope=paddle.static.Scope())
+    stateful = [op for op in main.global_block().ops if "InState" in op.input_names
+                and op.input("InState")]
+    assert len(stateful) >= 4
+    for op in stateful:
+        assert op.input("InState") == [f"{op.output('Y')[0]}@state"]
+        assert op.input("InAccum") == [f"{op.output('Y')[0]}@accum"]
+        assert op.output("OutState") == op.input("InState")
+    assert not [v.name for v in main.list_vars() if v.name.startswith(("state_", "accum_"))]
+    assert {v.name for v in startup.list_vars()} >= {f"{op.output('Y')[0]}@state"
+                                                     for op in stateful}

@@ -23,7 +23,7 @@ def test_two_ranks_average_every_activation_quantizer(two_ranks):
     state = activation_quant_state(main)
     # 4 activation quantizers (image, stem output, residual identity, fc input) x 3
     assert len(state) == 12
-    assert {n.split("@")[0].split("_")[0] for n in state} >= {"state", "accum"}
+    assert {n.rsplit("@", 1)[1] for n in state} == {"scale", "state", "accum"}
     assert not [n for n in state if n.startswith(("conv2d", "fc_0.w"))]  # weights: not synced
     split = next(op for op in main.global_block().ops if op.type == "split")
     assert len(split.output("Out")) == len(state)
