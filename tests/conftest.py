@@ -61,5 +61,5 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        rows = demo.run(out, fp32_epochs=10, qat_epochs=2)
+        rows = demo.run(out, fp32_epochs=20, qat_epochs=2)
     return out, rows, printed.getvalue()

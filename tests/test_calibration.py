@@ -89,3 +89,12 @@ def test_nan_activations_and_missing_data_are_named():
         ActivationCalibrator().collect({"a": np.array([1.0, np.nan])})
     with pytest.raises(QATConfigError, match="no calibration data"):
         ActivationCalibrator().thresholds()
+
+
+def test_entropy_keeps_a_tensor_with_no_values_near_zero():
+    """Pooled features in the demo lay in [0.58, 7.1]; the first candidate slice then held
+    one value, whose P and Q are the same spike: KL 0, threshold 0.58, accuracy 0.09."""
+    rng = np.random.default_rng(4)
+    x = (0.58 + rng.gamma(3.0, 0.6, size=(256, 16))).astype("float32")
+    threshold = _thresholds("entropy", [{"a": x}])["a"]
+    assert np.percentile(x, 99) <= threshold <= x.max() + 1e-6

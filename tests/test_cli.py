@@ -131,3 +131,28 @@ def test_every_script_has_help(script):
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_dockerfile_installs_gpu_paddle_and_existing_extras_only():
+    """The Dockerfile cannot be built here; keep it consistent with setup.py and the README."""
+    import re
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    setup = (ROOT / "setup.py").read_text()
+    (extras,) = re.findall(r'install --no-cache-dir -e "\.\[([a-z,]+)\]"', dockerfile)
+    for extra in extras.split(","):
+        assert f'"{extra}":' in setup, extra
+    assert "cpu" not in extras.split(",")  # would install CPU Paddle over the GPU one
+    assert "paddlepaddle-gpu==${PADDLE_VERSION}" in dockerfile
+    assert re.search(r"ARG PADDLE_VERSION=3\.3\.1", dockerfile)  # the version CI tests
+    assert '"paddlepaddle==3.3.1"' in setup
+    assert "docker build -t paddle-qat ." in (ROOT / "README.md").read_text()
+
+
+def test_training_script_help_lists_the_dle_flags():
+    result = subprocess.run([sys.executable, "-m", "paddle_qat.train", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--qat", "--amp", "--from-pretrained-params", "--from-checkpoint",
+                 "--inference-dir", "--image-root", "--use-pure-fp16", "--qat-init"):
+        assert flag in result.stdout

@@ -12,16 +12,20 @@ def test_short_demo_trains_exports_and_evaluates(demo_run):
     tmp_path, rows, printed = demo_run
     by_name = {r.name: r for r in rows}
     methods = ("max", "percentile", "mse", "entropy")
-    assert list(by_name) == ["FP32", *[f"PTQ w8a8 {m}" for m in methods], "QAT w8a8",
-                             *[f"PTQ w4a8 {m}" for m in methods], "QAT w4a8"]
-    # 10 classes, chance is 0.1. Short FP32 runs vary a lot between runs (seen 0.59-0.80,
-    # CPU kernels are not bitwise deterministic); QAT fine-tuning lands at 0.90-0.93.
-    assert by_name["FP32"].accuracy > 0.3 and by_name["QAT w8a8"].accuracy > 0.7
-    for bits, margin in ((8, 0.0), (4, 0.05)):
+    expected = ["FP32"]
+    for bits in (8, 4, 3):
+        expected += [f"PTQ w{bits}a8 {m}" for m in methods] + [f"QAT w{bits}a8"]
+    assert list(by_name) == expected
+    # 10 classes, chance is 0.1. CPU kernels are not bitwise deterministic, so runs differ.
+    # Five seeds of this shortened run: FP32 0.93-0.97; QAT minus the best PTQ -0.014 to
+    # +0.005 at w8 (PTQ is lossless at 8 bits; the full demo ties or wins), +0.036 to +0.19 at
+    # w4, +0.28 to +0.58 at w3.
+    assert by_name["FP32"].accuracy > 0.8 and by_name["QAT w8a8"].accuracy > 0.8
+    for bits, margin in ((8, -0.02), (4, 0.02), (3, 0.1)):
         best_ptq = max(by_name[f"PTQ w{bits}a8 {m}"].accuracy for m in methods)
         assert by_name[f"QAT w{bits}a8"].accuracy >= best_ptq + margin, (bits, printed)
     for method in methods:  # every calibrator gives a usable 8-bit model
-        assert by_name[f"PTQ w8a8 {method}"].accuracy > by_name["FP32"].accuracy - 0.1
+        assert by_name[f"PTQ w8a8 {method}"].accuracy > by_name["FP32"].accuracy - 0.05
     assert by_name["QAT w8a8"].size_kb < by_name["FP32"].size_kb  # int8 weights
     for name in ("qat_w8.onnx", "qat_w4.onnx", "ptq_w8_mse.onnx", "ptq_w4_entropy.onnx"):
         model = onnx.load(str(tmp_path / name))
