@@ -83,6 +83,10 @@ class QATConfig:
             takes these scales from the neighbouring Q/DQ).
         quantize_residual_add: put Q/DQ on the identity branch of every residual
             ``elementwise_add`` so TensorRT can fuse the add into the conv as INT8.
+        share_scales: quantizers of tensors TensorRT merges (Concat inputs and output,
+            pooling and data-movement input and output) share one scale variable in
+            training, so the export meets TensorRT's rules 8 and 9 (see
+            :mod:`paddle_qat.placement`).
         collect_output_scales: also observe every op's output range (``out_threshold``). Costs
             training time; export never turns these into Q/DQ.
         adjust_build_strategy: turn off fusions that hide ops from the quant passes.
@@ -98,6 +102,7 @@ class QATConfig:
     weight_op_types: tuple[str, ...] = tuple(WEIGHT_OP_AXES)
     activation_op_types: tuple[str, ...] = ()
     quantize_residual_add: bool = True
+    share_scales: bool = True
     collect_output_scales: bool = False
     adjust_build_strategy: bool = True
 
@@ -116,8 +121,8 @@ class QATConfig:
                     f"QATConfig.{name} must be an integer from 2 to 8 (INT8 deployment), "
                     f"got {bits!r}"
                 )
-        for name in ("channel_wise", "quantize_residual_add", "collect_output_scales",
-                     "adjust_build_strategy"):
+        for name in ("channel_wise", "quantize_residual_add", "share_scales",
+                     "collect_output_scales", "adjust_build_strategy"):
             if not isinstance(getattr(self, name), bool):
                 raise QATConfigError(
                     f"QATConfig.{name} must be True or False, got {getattr(self, name)!r}"

@@ -28,6 +28,7 @@ from . import amp
 from .config import WEIGHT_OP_AXES, QATConfig
 from .errors import QATError
 from .legacy_ir import require_legacy_program
+from .placement import share_scales
 
 QUANT_OP_TYPES = ("quantize_linear", "dequantize_linear")
 _WEIGHT_SLOT = {
@@ -300,6 +301,8 @@ def quantize_program(
     _fix_weight_axes(program, scope, place)
     _set_integer_ranges(program)
     _stable_state_names(program, scope, place)
+    if config.share_scales:
+        share_scales(program)
     _restore(scope, place, saved_state)
     if startup_program is not None:
         _add_startup_initializers(program, startup_program, scope)

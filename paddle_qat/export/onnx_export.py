@@ -20,7 +20,33 @@ class OnnxExport:
     edges: tuple[QuantEdge, ...]
 
 
+def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
+    """``edges`` with each tensor under its ONNX name. paddle2onnx keeps Paddle's names
+    except for some op outputs (a concat output becomes ``Concat.1``); such a tensor is the
+    output of the ONNX node that reads exactly the Paddle producer's inputs."""
+    import dataclasses
+
+    produced = {o for n in model.graph.node for o in n.output}
+    known = produced | {i.name for i in model.graph.input}
+    made_by = {out: op for op in float_program.global_block().ops
+               for out in op.output_arg_names}
+    renamed = []
+    for edge in edges:
+        op = made_by.get(edge.tensor)
+        if edge.tensor in known or edge.is_weight or op is None:
+            renamed.append(edge)
+            continue
+        inputs = [name for name in op.input_arg_names if name in known]
+        matches = [n for n in model.graph.node
+                   if inputs and [i for i in n.input if i in known] == inputs]
+        # No single counterpart: keep the name; insert_qdq refuses it, naming the op.
+        renamed.append(dataclasses.replace(edge, tensor=matches[0].output[0])
+                       if len(matches) == 1 else edge)
+    return renamed
+
+
 def _float_onnx(program, feed_vars, fetch_vars, scope, opset: int):
+    """(paddle2onnx's model of ``program`` without its Q/DQ, that float program)."""
     import onnx
     import paddle
     import paddle2onnx
@@ -36,7 +62,7 @@ def _float_onnx(program, feed_vars, fetch_vars, scope, opset: int):
         onnx_bytes = paddle2onnx.export(f"{prefix}.pdmodel", f"{prefix}.pdiparams",
                                         opset_version=opset, auto_upgrade_opset=False,
                                         verbose=False, enable_onnx_checker=True)
-    return onnx.load_model_from_string(onnx_bytes)
+    return onnx.load_model_from_string(onnx_bytes), float_program
 
 
 def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int = DEFAULT_OPSET,
@@ -60,8 +86,10 @@ def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int 
     if opset < 13:
         raise QATError(f"opset {opset} is too old: per-channel Q/DQ needs opset >= 13")
     scope = paddle.static.global_scope() if scope is None else scope
-    edges = read_quant_edges(program, scope)
-    model = insert_qdq(_float_onnx(program, feed_vars, fetch_vars, scope, opset), edges)
+    edges = read_quant_edges(program, scope)  # first: names a non-QAT program or bad scale
+    float_model, float_program = _float_onnx(program, feed_vars, fetch_vars, scope, opset)
+    edges = _onnx_names(edges, float_program, float_model)
+    model = insert_qdq(float_model, edges)
     onnx.checker.check_model(model)
     violations = tuple(check_model(model)) if check else ()
     if violations:
@@ -80,7 +108,7 @@ def export_float_onnx(program, feed_vars, fetch_vars, path, *, scope=None,
     import paddle
 
     scope = paddle.static.global_scope() if scope is None else scope
-    model = _float_onnx(program, feed_vars, fetch_vars, scope, opset)
+    model, _ = _float_onnx(program, feed_vars, fetch_vars, scope, opset)
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))

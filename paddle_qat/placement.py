@@ -1,0 +1,120 @@
+"""TensorRT-friendly Q/DQ placement, enforced in the program: one scale where TensorRT merges.
+
+TensorRT runs Concat, MaxPool / AvgPool and data-movement ops in INT8 only when their inputs
+and output carry the same scale (shared/TRT_QDQ_RULES.md, rules 8 and 9); otherwise it adds
+reformats, and a QAT engine ends up slower than PTQ. Paddle's passes give every quantizer
+its own moving average, so after them :func:`share_scales` joins the quantizers of tensors
+linked through such ops into one group that reads and updates one scale (and one
+moving-average state and accum): training learns the shared scale, the eval program reads
+it, and the exported ONNX satisfies the checker by construction, not by an after-the-fact
+patch.
+
+A shared moving average is updated by every member each step, so it follows the maxima of
+all the tensors TensorRT will treat as one.
+"""
+
+from __future__ import annotations
+
+# Ops whose inputs and outputs TensorRT keeps in one INT8 scale (Q/DQ commutes through them).
+SCALE_SHARING_OPS: dict[str, tuple[str, ...]] = {
+    "concat": ("X",),
+    "pool2d": ("X",),
+    "reshape2": ("X",),
+    "transpose2": ("X",),
+    "flatten_contiguous_range": ("X",),
+    "squeeze2": ("X",),
+    "unsqueeze2": ("X",),
+}
+_OUTPUT_SLOT = "Out"
+# Each is read and written under one name (OutScale is Scale, ...), so renaming the input
+# renames both.
+_STATE_SLOTS = ("Scale", "InState", "InAccum")
+
+
+class _Groups:
+    """Union-find over tensor names."""
+
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, name: str) -> str:
+        self.parent.setdefault(name, name)
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def join(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _activation_quantizers(block) -> list:
+    found = []
+    for op in block.ops:
+        if op.type != "quantize_linear":
+            continue
+        var = block._find_var_recursive(op.input("X")[0])
+        if var is not None and not var.persistable:
+            found.append(op)
+    return found
+
+
+def _rename(op, old: str, new: str) -> None:
+    if old in op.input_arg_names:
+        op._rename_input(old, new)
+    if old in op.output_arg_names:
+        op._rename_output(old, new)
+
+
+def share_scales(program) -> list[tuple[str, ...]]:
+    """Make the activation quantizers of tensors joined by Concat, pooling and data-movement
+    ops use one scale variable (and one state / accum) per group; returns the groups' scale
+    names, the kept one first. Deterministic, so a training program and its eval program
+    end up with the same names."""
+    block = program.global_block()
+    groups = _Groups()
+    for op in block.ops:
+        slots = SCALE_SHARING_OPS.get(op.type)
+        if slots is None or int(op.attr("op_role")) not in (0, 256) or \
+                _OUTPUT_SLOT not in op.output_names:
+            continue  # forward ops only: their grads and optimizer ops are not data
+        (output,) = op.output(_OUTPUT_SLOT)[:1] or (None,)
+        for slot in slots:
+            for name in op.input(slot):
+                groups.join(name, output)
+    # A quantizer's input is itself an op output, e.g. the concat's own input tensors;
+    # after the pass, concat reads the dequantized copies: follow them back to the source.
+    made_by = {name: op for op in block.ops for name in op.output_arg_names}
+    for op in block.ops:
+        if op.type in SCALE_SHARING_OPS:
+            for name in op.input_arg_names:
+                dq = made_by.get(name)
+                if dq is not None and dq.type == "dequantize_linear":
+                    q = made_by.get(dq.input("X")[0])
+                    if q is not None and q.type == "quantize_linear":
+                        groups.join(q.input("X")[0], name)
+    members: dict[str, list] = {}
+    for q in _activation_quantizers(block):
+        members.setdefault(groups.find(q.input("X")[0]), []).append(q)
+
+    dequantizers = {op.input("X")[0]: op for op in block.ops if op.type == "dequantize_linear"}
+    merged = []
+    for quantizers in members.values():
+        if len(quantizers) < 2:
+            continue
+        quantizers.sort(key=lambda q: (len(q.input("Scale")[0]), q.input("Scale")[0]))
+        keep = quantizers[0]
+        merged.append(tuple(dict.fromkeys(q.input("Scale")[0] for q in quantizers)))
+        for q in quantizers[1:]:
+            for slot in _STATE_SLOTS:
+                if slot not in q.input_names or not q.input(slot):
+                    continue
+                old, new = q.input(slot)[0], keep.input(slot)[0]
+                _rename(q, old, new)
+                dq = dequantizers.get(q.output("Y")[0])
+                if dq is not None:
+                    _rename(dq, old, new)
+                if not any(old in op.input_arg_names + op.output_arg_names for op in block.ops):
+                    block._remove_var(old)
+    program._sync_with_cpp()
+    return merged

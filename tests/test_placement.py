@@ -1,0 +1,94 @@
+"""Shared scales where TensorRT merges tensors: learnt in training, checked on export."""
+
+import numpy as np
+import onnxruntime as ort
+import paddle
+import pytest
+from paddle import static
+
+import nets
+import paddle_qat
+from paddle_qat import QATConfig, QATError
+from paddle_qat.export import export_onnx
+from program_tools import producers
+
+CONFIG = QATConfig(activation_op_types=("concat", "pool2d"))
+
+
+def inception_net():
+    """Two conv branches -> concat -> max pool -> conv -> global average pool -> fc."""
+    import paddle.nn.functional as F
+
+    x = static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
+    y = static.data("label", [None, 1], "int64")
+    wide = F.relu(static.nn.conv2d(x, 6, 3, padding=1))
+    narrow = F.relu(static.nn.conv2d(x, 4, 1))
+    joined = F.max_pool2d(paddle.concat([wide, narrow], axis=1), 2)
+    out = F.relu(static.nn.conv2d(joined, 8, 3, padding=1))
+    logits = static.nn.fc(paddle.flatten(F.adaptive_avg_pool2d(out, 1), 1), nets.CLASSES)
+    return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
+
+
+def _train(config, steps=20):
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope), paddle.utils.unique_name.guard():
+        main, startup, test, (image, _, logits, loss) = nets.build(inception_net)
+        with static.program_guard(main, startup):
+            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
+        paddle_qat.quantize_program(main, config, startup_program=startup)
+        paddle_qat.quantize_program(test, config, for_test=True)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        for feed in nets.separable_batches(steps):
+            exe.run(main, feed=feed)
+    return dict(scope=scope, main=main, test=test, image=image, logits=logits, exe=exe)
+
+
+def _quantizer_of(program, tensor):
+    made_by = producers(program)
+    dq = made_by[tensor]
+    return made_by[dq.input("X")[0]]
+
+
+def test_concat_and_pool_quantizers_learn_one_scale_together():
+    t = _train(CONFIG)
+    block = t["main"].global_block()
+    (concat,) = [op for op in block.ops if op.type == "concat"]
+    (pool,) = [op for op in block.ops if op.type == "pool2d" and op.attr("pooling_type") == "max"]
+    (conv,) = [op for op in block.ops if op.type == "conv2d"
+               and op.input("Input")[0].startswith(pool.output("Out")[0])]
+    quantizers = [_quantizer_of(t["main"], n) for n in concat.input("X")]
+    quantizers += [_quantizer_of(t["main"], pool.input("X")[0]),
+                   _quantizer_of(t["main"], conv.input("Input")[0])]
+    for slot in ("Scale", "InState", "InAccum"):
+        assert len({q.input(slot)[0] for q in quantizers}) == 1, slot
+    assert quantizers[0].output("OutScale") == quantizers[0].input("Scale")
+    # Every member updates the shared average each step: state grows 4x as fast.
+    state = float(np.array(t["scope"].find_var(quantizers[0].input("InState")[0])
+                           .get_tensor())[0])
+    assert state == pytest.approx(sum(0.9 ** k for k in range(4 * 20)), rel=1e-4)
+
+
+def test_shared_scales_export_cleanly_and_faithfully(tmp_path):
+    t = _train(CONFIG)
+    with paddle.static.scope_guard(t["scope"]):
+        result = export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                             scope=t["scope"])  # the checker runs inside and passes
+    concat_inputs = [e for e in result.edges if e.consumer == "concat"]
+    assert len(concat_inputs) == 2
+    feed = next(nets.separable_batches(1, batch=64, seed=3))
+    expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]],
+                            scope=t["scope"])[0]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": feed["image"]})[0]
+    # ORT's and Paddle's float convolutions differ by ~1e-5, which moves a few values across a
+    # rounding boundary: one quantization step here and there (as in test_export).
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_without_sharing_the_export_is_refused_by_the_checker(tmp_path):
+    """Control: Paddle's passes alone give each concat input its own scale (rule 8)."""
+    t = _train(CONFIG.replace(share_scales=False), steps=5)
+    with paddle.static.scope_guard(t["scope"]), pytest.raises(QATError, match="rule 8|8 "):
+        export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                    scope=t["scope"])
