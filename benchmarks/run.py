@@ -1,0 +1,242 @@
+"""paddle-qat benchmarks, measured side by side in one run; results written with machine and date.
+
+(a) training step time of one model: FP32, paddle-qat's QAT (``strategy.qat = True``) and
+    Paddle 3.3.1's own fleet QAT optimizer, interleaved round by round;
+(b) ONNX Runtime CPU latency / throughput at batch 1 and 32: the FP32 ONNX, our QAT INT8
+    ONNX and ONNX Runtime's ``quantize_static`` PTQ INT8 of the same FP32 ONNX, plus what
+    ONNX Runtime's graph optimizer turned each into (the INT8 kernels it picked);
+(c) TensorRT FP16 / PTQ / QAT: printed as commands to run on a GPU machine.
+
+    python benchmarks/run.py                          # small residual CNN, minutes on 2 cores
+    python benchmarks/run.py --model resnet50 --image-size 224 --batch 32 --steps 5
+
+Writes ``benchmarks/results/<date>-<model>.md`` (or ``--out``) and prints the same text.
+"""
+
+# ruff: noqa: I001  (paddle_qat is imported before paddle on purpose)
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import paddle_qat
+import paddle
+from paddle.distributed import fleet
+
+from paddle_qat.models import ModelSpec, build_classifier
+
+VARIANTS = ("fp32", "paddle_qat", "paddle_fleet_qat")
+GOAL_STEP_RATIO = 1.15  # our QAT step time vs FP32, from issue 7
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"date": datetime.date.today().isoformat(), "machine": platform.node(), "cpu": cpu,
+            "cores": os.cpu_count(), "python": platform.python_version(),
+            "paddle": paddle.__version__, "onnxruntime": onnxruntime.__version__,
+            "paddle_qat": paddle_qat.__version__}
+
+
+def _build(spec: ModelSpec, variant: str):
+    """(main, startup, eval, image, logits, loss, optimizer) built through fleet."""
+    from paddle.distributed.fleet.base import meta_optimizer_factory
+    from paddle.distributed.fleet.meta_optimizers import qat_optimizer as paddle_own
+
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    main.random_seed = startup.random_seed = 1
+    strategy = fleet.DistributedStrategy()
+    strategy.qat = variant != "fp32"
+    ours = meta_optimizer_factory.QATOptimizer
+    if variant == "paddle_fleet_qat":  # Paddle's optimizer, which paddle_qat replaces
+        meta_optimizer_factory.QATOptimizer = paddle_own.QATOptimizer
+    try:
+        with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
+            image, _, logits, loss = build_classifier(spec)
+            eval_program = main.clone(for_test=True)
+            optimizer = fleet.distributed_optimizer(
+                paddle.optimizer.Momentum(0.01, momentum=0.9), strategy)
+            optimizer.minimize(loss)
+    finally:
+        meta_optimizer_factory.QATOptimizer = ours
+    return main, startup, eval_program, image, logits, loss, optimizer
+
+
+def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict:
+    """Median seconds per training step of each variant, rounds interleaved."""
+    rng = np.random.default_rng(0)
+    feed = {"image": rng.normal(size=(batch, spec.in_channels, spec.image_size,
+                                      spec.image_size)).astype("float32"),
+            "label": rng.integers(0, spec.classes, size=(batch, 1)).astype("int64")}
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    built = {}
+    for variant in VARIANTS:  # Paddle's own QAT initializes in the global scope only
+        built[variant] = _build(spec, variant)
+        exe.run(built[variant][1])
+        for _ in range(3):  # warm-up: kernel selection, allocations
+            exe.run(built[variant][0], feed=feed, fetch_list=[built[variant][5]])
+    times = collections.defaultdict(list)
+    for _ in range(rounds):
+        for variant in VARIANTS:
+            main, loss = built[variant][0], built[variant][5]
+            for _ in range(steps):
+                start = time.perf_counter()
+                exe.run(main, feed=feed, fetch_list=[loss])
+                times[variant].append(time.perf_counter() - start)
+    return {v: statistics.median(t) for v, t in times.items()}, built
+
+
+def export_models(built, folder: Path, calibration: np.ndarray) -> dict[str, Path]:
+    from paddle_qat.export import export_float_onnx, export_onnx
+    from paddle_qat.export.ort_ptq import ort_ptq
+
+    main, _, eval_fp32, image, logits, _, _ = built["fp32"]
+    export_float_onnx(eval_fp32, [image], [logits], folder / "fp32.onnx")
+    _, _, eval_qat, image, logits, _, optimizer = built["paddle_qat"]
+    optimizer.qat_init(paddle.CPUPlace(), test_program=eval_qat)
+    export_onnx(eval_qat, [image], [logits], folder / "qat_int8.onnx")
+    ort_ptq(folder / "fp32.onnx", folder / "ort_ptq_int8.onnx", calibration)
+    return {"FP32": folder / "fp32.onnx", "paddle-qat QAT INT8": folder / "qat_int8.onnx",
+            "ORT quantize_static PTQ INT8": folder / "ort_ptq_int8.onnx"}
+
+
+def ort_latency(models: dict, shape: tuple, threads: int, rounds: int) -> tuple[dict, dict]:
+    """{(model, batch): Timing} and the op types ONNX Runtime's optimizer left in each."""
+    import onnx
+    import onnxruntime as ort
+
+    from paddle_qat.runtime import benchmark, open_runner
+
+    results, kernels = {}, {}
+    for name, path in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        optimized = path.with_suffix(".optimized.onnx")
+        options.optimized_model_filepath = str(optimized)
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        counts = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+        kernels[name] = ", ".join(f"{op} {n}" for op, n in sorted(counts.items())
+                                  if op not in ("Constant", "Shape", "Slice", "Concat"))
+    runners = {name: open_runner(path, threads=threads) for name, path in models.items()}
+    rng = np.random.default_rng(1)
+    for batch in (1, 32):
+        data = rng.normal(size=(batch, *shape)).astype("float32")
+        per_round = collections.defaultdict(list)
+        for _ in range(rounds):  # interleaved, so drift hits every model alike
+            for name, runner in runners.items():
+                per_round[name].append(benchmark(runner, data, iterations=50 if batch == 1
+                                                 else 10, warmup=5))
+        for name, timings in per_round.items():
+            results[(name, batch)] = min(timings, key=lambda t: t.median_ms)
+    return results, kernels
+
+
+TENSORRT = """\
+On a GPU machine with TensorRT (`pip install -e .[tensorrt]` or the Dockerfile), from the
+ONNX files this run wrote (keep them with `--keep DIR`):
+
+    trtexec --onnx=fp32.onnx --fp16 --shapes=image:32x{shape} \\
+        --exportLayerInfo=fp16.json --profilingVerbosity=detailed
+    trtexec --onnx=ort_ptq_int8.onnx --stronglyTyped --shapes=image:32x{shape} \\
+        --exportLayerInfo=ptq.json --profilingVerbosity=detailed
+    trtexec --onnx=qat_int8.onnx --stronglyTyped --shapes=image:32x{shape} \\
+        --exportLayerInfo=qat.json --profilingVerbosity=detailed
+
+(TensorRT <= 10: `--int8 --fp16` instead of `--stronglyTyped`.) Compare the throughput
+lines and, in the layer JSON, that every convolution runs INT8 in and out with no
+Reformat layers between them."""
+
+
+def report(spec, args, info, steps, latency, kernels) -> str:
+    lines = [f"# paddle-qat benchmarks, {info['date']}", "",
+             "| machine | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    lines += ["", f"Model: {spec.name}, {spec.in_channels}x{spec.image_size}x"
+              f"{spec.image_size}, {spec.classes} classes; ONNX Runtime threads: "
+              f"{args.threads}.", "",
+              f"## (a) Training step time, batch {args.batch} ({args.rounds} interleaved rounds "
+              f"x {args.steps} steps, median)", "",
+              "| variant | ms / step | vs FP32 |", "| --- | --- | --- |"]
+    for variant in VARIANTS:
+        lines.append(f"| {variant} | {steps[variant] * 1e3:.2f} | "
+                     f"{steps[variant] / steps['fp32']:.3f}x |")
+    ours, theirs = steps["paddle_qat"] / steps["fp32"], steps["paddle_fleet_qat"] / steps["fp32"]
+    lines += ["", f"Goals: QAT <= {GOAL_STEP_RATIO}x FP32: "
+              f"{'met' if ours <= GOAL_STEP_RATIO else 'NOT met'} ({ours:.3f}x); ours <= "
+              f"Paddle's fleet QAT: {'met' if ours <= theirs else 'NOT met'} ({ours:.3f}x vs "
+              f"{theirs:.3f}x).", "",
+              "## (b) ONNX Runtime CPU", "",
+              "| model | bs1 median ms | bs1 p90 ms | bs32 median ms | bs32 samples/s |",
+              "| --- | --- | --- | --- | --- |"]
+    for name in kernels:
+        one, many = latency[(name, 1)], latency[(name, 32)]
+        lines.append(f"| {name} | {one.median_ms:.3f} | {one.p90_ms:.3f} | "
+                     f"{many.median_ms:.2f} | {many.throughput:.0f} |")
+    qat, ptq = "paddle-qat QAT INT8", "ORT quantize_static PTQ INT8"
+    for batch in (1, 32):
+        ratio = latency[(qat, batch)].median_ms / latency[(ptq, batch)].median_ms
+        lines.append(f"\nQAT / PTQ latency at batch {batch}: {ratio:.3f} "
+                     f"({'met' if ratio <= 1.0 else 'NOT met'}: goal <= 1).")
+    lines += ["", "Kernels after ONNX Runtime's graph optimizations (what actually runs):", ""]
+    lines += [f"- {name}: {ops}" for name, ops in kernels.items()]
+    shape = "x".join(str(d) for d in (spec.in_channels, spec.image_size, spec.image_size))
+    lines += ["", "## (c) TensorRT", "", TENSORRT.format(shape=shape)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="residual_cnn", choices=("residual_cnn", "resnet50"))
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--width", type=int, default=32, help="residual_cnn channels")
+    parser.add_argument("--batch", type=int, default=32, help="training batch")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the ONNX files here (for the TensorRT commands)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report file (default benchmarks/results/<date>-<model>.md)")
+    args = parser.parse_args(argv)
+
+    paddle.enable_static()
+    fleet.init(is_collective=True)
+    spec = ModelSpec(args.model, in_channels=3, image_size=args.image_size, classes=10,
+                     width=args.width)
+    steps, built = step_times(spec, args.batch, args.steps, args.rounds)
+    with tempfile.TemporaryDirectory(prefix="paddle_qat_bench_") as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        calibration = np.random.default_rng(2).normal(
+            size=(64, 3, args.image_size, args.image_size)).astype("float32")
+        models = export_models(built, folder, calibration)
+        latency, kernels = ort_latency(models, (3, args.image_size, args.image_size),
+                                       args.threads, args.rounds)
+    text = report(spec, args, machine(), steps, latency, kernels)
+    out = args.out or Path(__file__).with_name("results") / (
+        f"{datetime.date.today().isoformat()}-{args.model}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
