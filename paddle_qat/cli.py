@@ -1,4 +1,4 @@
-"""``python -m paddle_qat <command>``: export, check, infer, migrate; thin library wrappers.
+"""``python -m paddle_qat <command>``: export, check, compare, infer, migrate; thin wrappers.
 
 Each command prints what it did and exits 0, or prints one line naming the problem and the fix
 and exits 2 (bad input) without a traceback.
@@ -39,6 +39,36 @@ def _check(args) -> int:
         print(violation)
     print(f"{args.model}: {len(violations)} violation(s) of TensorRT's Q/DQ rules")
     return 1 if violations else 0
+
+
+def _compare(args) -> None:
+    import tempfile
+
+    from .export.compare import compare_models, format_comparison
+    from .export.ort_ptq import ort_ptq
+
+    models = {"QAT": args.model}
+    models.update({f"PTQ {i + 1}": path for i, path in enumerate(args.ptq or [])})
+    with tempfile.TemporaryDirectory(prefix="paddle_qat_compare_") as tmp:
+        if args.float is not None:
+            images = _load_array(args.calibration, "calibration") if args.calibration else \
+                np.random.default_rng(0).normal(size=(64, *_input_shape(args.float))).astype(
+                    "float32")
+            target = args.keep_ort_ptq or Path(tmp) / "ort_ptq.onnx"
+            models[f"ORT PTQ ({args.ort_method})"] = ort_ptq(args.float, target, images,
+                                                             method=args.ort_method)
+        print(format_comparison(compare_models(models)))
+    print("On a GPU, compare the engines TensorRT builds from these files: trtexec "
+          "--onnx=F.onnx --stronglyTyped --exportLayerInfo=F.json --profilingVerbosity=detailed")
+
+
+def _input_shape(path) -> tuple[int, ...]:
+    import onnx
+
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[1:]
+    if not all(d.dim_value for d in dims):
+        raise QATError(f"{path} has a dynamic image shape; pass --calibration images.npy")
+    return tuple(d.dim_value for d in dims)
 
 
 def _load_array(path, what: str) -> np.ndarray:
@@ -128,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "when there is any.")
     check.add_argument("model", help="ONNX file")
     check.set_defaults(run=_check)
+
+    compare = commands.add_parser(
+        "compare", help="put a QAT ONNX beside PTQ ONNX of the same float model, node by node",
+        description="For every compute node: in which precision each model runs it and the "
+                    "scale of its input; then Q/DQ counts and TensorRT rule violations per "
+                    "model. With --float, ONNX Runtime's quantize_static PTQ of that model "
+                    "joins the comparison.")
+    compare.add_argument("model", help="the QAT ONNX (python -m paddle_qat export)")
+    compare.add_argument("--ptq", nargs="*", help="other quantized ONNX files, e.g. "
+                                                   "paddle_qat's own PTQ")
+    compare.add_argument("--float", type=Path, help="the FP32 ONNX to quantize with ONNX "
+                                                     "Runtime's quantize_static")
+    compare.add_argument("--calibration", help="images .npy for quantize_static (default: "
+                                               "64 random inputs)")
+    compare.add_argument("--ort-method", default="MinMax",
+                         choices=("MinMax", "Entropy", "Percentile"))
+    compare.add_argument("--keep-ort-ptq", type=Path, help="write ONNX Runtime's PTQ model here")
+    compare.set_defaults(run=_compare)
 
     infer = commands.add_parser(
         "infer", help="run an ONNX model (ONNX Runtime or TensorRT) or a TensorRT engine",

@@ -81,6 +81,7 @@ def test_infer_reports_accuracy_and_writes_logits(demo_run, tmp_path):
      "/nowhere/m.pdmodel does not exist"),
     (["check", "/nowhere.onnx"], "/nowhere.onnx does not exist"),
     (["infer", "/nowhere.onnx"], "/nowhere.onnx does not exist"),
+    (["compare", "/nowhere.onnx"], "/nowhere.onnx does not exist"),
 ])
 def test_bad_input_is_one_clear_line(args, text):
     result = run(*args)
@@ -127,7 +128,7 @@ def test_every_script_has_help(script):
     assert "Usage" in result.stdout or "usage" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["export", "check", "infer", "migrate"])
+@pytest.mark.parametrize("command", ["export", "check", "compare", "infer", "migrate"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
@@ -156,3 +157,20 @@ def test_training_script_help_lists_the_dle_flags():
     for flag in ("--qat", "--amp", "--from-pretrained-params", "--from-checkpoint",
                  "--inference-dir", "--image-root", "--use-pure-fp16", "--qat-init"):
         assert flag in result.stdout
+
+
+def test_compare_puts_qat_beside_our_ptq_and_onnx_runtimes_ptq(demo_run):
+    out, _, _ = demo_run
+    result = run("compare", str(out / "qat_w8.onnx"), "--ptq", str(out / "ptq_w8_mse.onnx"),
+                 "--float", str(out / "fp32.onnx"), "--calibration",
+                 str(out / "test_images.npy"))
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    conv = rows["conv2d_0.tmp_0"].split()
+    assert conv[1:3] == ["Conv", "int8"] and conv[4] == "int8"  # QAT and our PTQ
+    assert "QAT: 4 Q / 7 DQ, 3 int8 compute nodes, 0 TensorRT rule violation(s)" in result.stdout
+    # ONNX Runtime's PTQ quantizes between BN and ReLU: TensorRT's rule 6 (measured: 3 times).
+    ort_line = next(line for line in result.stdout.splitlines()
+                    if line.startswith("ORT PTQ (MinMax):"))
+    assert "rules 6" in ort_line and " 0 TensorRT" not in ort_line
+    assert "<--" in result.stdout
