@@ -1,4 +1,6 @@
-"""``python -m paddle_qat <command>``: export, check, compare, infer, migrate; thin wrappers.
+"""``python -m paddle_qat <command>``: export, check, compare, sensitivity, infer, migrate.
+
+Thin wrappers over the library.
 
 Each command prints what it did and exits 0, or prints one line naming the problem and the fix
 and exits 2 (bad input) without a traceback.
@@ -60,6 +62,38 @@ def _compare(args) -> None:
         print(format_comparison(compare_models(models)))
     print("On a GPU, compare the engines TensorRT builds from these files: trtexec "
           "--onnx=F.onnx --stronglyTyped --exportLayerInfo=F.json --profilingVerbosity=detailed")
+
+
+def _sensitivity(args) -> None:
+    import paddle
+
+    from .checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+    from .config import QATConfig
+    from .export.saved import build_eval_program
+    from .models import ModelSpec
+    from .sensitivity import auto_skip, format_sensitivity, layer_fidelity, layer_sensitivity
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    meta = read_meta(checkpoint)
+    if "model" not in meta:
+        raise QATError(f"{checkpoint} does not say which model it holds (no 'model' in "
+                       f"meta.json); save it with paddle_qat's training script or demo")
+    spec = ModelSpec.from_dict(meta["model"])
+    saved = QATConfig.from_dict(meta["qat_config"]) if "qat_config" in meta else QATConfig()
+    config = saved if args.weight_bits is None else saved.replace(weight_bits=args.weight_bits)
+    images = _load_array(args.images, "images").astype("float32")
+    labels = _load_array(args.labels, "labels") if args.labels else None
+    paddle.enable_static()
+    rows = layer_sensitivity(spec, checkpoint, images, labels, config=config)
+    print(format_sensitivity(rows))
+    if args.auto_skip:
+        print(f"skip_weights={auto_skip(rows, args.auto_skip, config).skip_weights!r}")
+    if args.onnx is not None:
+        scope = paddle.static.Scope()
+        program, _, _ = build_eval_program(spec, saved, scope)  # what the ONNX was made from
+        load_checkpoint(checkpoint, program, scope=scope)
+        for name, cosine in layer_fidelity(program, scope, args.onnx, images[:256]).items():
+            print(f"Paddle vs ONNX Runtime, output of {name}: cosine {cosine:.6f}")
 
 
 def _input_shape(path) -> tuple[int, ...]:
@@ -176,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=("MinMax", "Entropy", "Percentile"))
     compare.add_argument("--keep-ort-ptq", type=Path, help="write ONNX Runtime's PTQ model here")
     compare.set_defaults(run=_compare)
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-layer quantization sensitivity (one layer, all but one)",
+        description="From a checkpoint's weights: PTQ with one layer quantized, and with all "
+                    "but one, scored by logit cosine to FP32 (and accuracy with --labels); "
+                    "--auto-skip K names the K layers to leave in float; --onnx compares "
+                    "each quantized layer's output in Paddle and in the exported ONNX.")
+    sensitivity.add_argument("--checkpoint", type=Path, required=True,
+                             help="checkpoint folder whose meta.json names the model")
+    sensitivity.add_argument("--images", required=True, help="float32 .npy, N x C x H x W")
+    sensitivity.add_argument("--labels", help="integer labels .npy")
+    sensitivity.add_argument("--weight-bits", type=int, choices=range(2, 9))
+    sensitivity.add_argument("--auto-skip", type=int, default=0, metavar="K")
+    sensitivity.add_argument("--onnx", type=Path, help="the exported QAT ONNX of this "
+                                                       "checkpoint, for per-layer fidelity")
+    sensitivity.set_defaults(run=_sensitivity)
 
     infer = commands.add_parser(
         "infer", help="run an ONNX model (ONNX Runtime or TensorRT) or a TensorRT engine",

@@ -128,7 +128,8 @@ def test_every_script_has_help(script):
     assert "Usage" in result.stdout or "usage" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["export", "check", "compare", "infer", "migrate"])
+@pytest.mark.parametrize("command", ["export", "check", "compare", "sensitivity", "infer",
+                                     "migrate"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
@@ -174,3 +175,22 @@ def test_compare_puts_qat_beside_our_ptq_and_onnx_runtimes_ptq(demo_run):
                     if line.startswith("ORT PTQ (MinMax):"))
     assert "rules 6" in ort_line and " 0 TensorRT" not in ort_line
     assert "<--" in result.stdout
+
+
+def test_sensitivity_ranks_layers_and_checks_paddle_against_onnx(demo_run):
+    out, _, _ = demo_run
+    result = run("sensitivity", "--checkpoint", str(out / "checkpoints"), "--images",
+                 str(out / "test_images.npy"), "--labels", str(out / "test_labels.npy"),
+                 "--weight-bits", "3", "--auto-skip", "1", "--onnx", str(out / "qat_w8.onnx"))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()
+            if line.startswith(("conv2d_", "fc_"))]
+    assert sorted(r[0] for r in rows) == ["conv2d_0.w_0", "conv2d_1.w_0", "fc_0.w_0"]
+    only = [float(r[2]) for r in rows]
+    assert only == sorted(only) and all(0 < c <= 1 for c in only)  # most sensitive first
+    all_but = {r[0]: float(r[4]) for r in rows}
+    skipped = max(all_but, key=all_but.get)
+    assert f"skip_weights=('{skipped}',)" in result.stdout
+    fidelity = [float(line.rsplit(" ", 1)[1]) for line in result.stdout.splitlines()
+                if line.startswith("Paddle vs ONNX Runtime")]
+    assert len(fidelity) >= 2 and min(fidelity) > 0.999
