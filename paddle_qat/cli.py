@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import QATError
+from .export.ort_ptq import ORT_METHODS
 
 
 def _export(args) -> None:
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--calibration", help="images .npy for quantize_static (default: "
                                                "64 random inputs)")
     compare.add_argument("--ort-method", default="MinMax",
-                         choices=("MinMax", "Entropy", "Percentile"))
+                         choices=ORT_METHODS)
     compare.add_argument("--keep-ort-ptq", type=Path, help="write ONNX Runtime's PTQ model here")
     compare.set_defaults(run=_compare)
 
