@@ -92,3 +92,38 @@ def test_without_sharing_the_export_is_refused_by_the_checker(tmp_path):
     with paddle.static.scope_guard(t["scope"]), pytest.raises(QATError, match="rule 8|8 "):
         export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
                     scope=t["scope"])
+
+
+@pytest.mark.slow
+def test_resnet50_v15_exports_with_every_conv_int8_and_no_rule_broken(tmp_path):
+    """The model the training scripts train, quantized with the defaults, random weights."""
+    from collections import Counter
+
+    import onnx
+
+    from paddle_qat.export.checker import check_model
+    from paddle_qat.export.saved import build_eval_program
+    from paddle_qat.models import ModelSpec
+
+    scope = paddle.static.Scope()
+    rng = np.random.default_rng(0)
+    with paddle.static.scope_guard(scope):
+        program, image, logits = build_eval_program(ModelSpec("resnet50", 3, 32, 10),
+                                                    QATConfig(), scope)
+        for var in program.list_vars():
+            tensor = scope.var(var.name).get_tensor()
+            if var.persistable and var.name not in ("feed", "fetch") and \
+                    not tensor._is_initialized():
+                value = rng.normal(0, 0.05, size=var.shape).astype("float32")
+                if var.name.endswith("w_2"):  # BatchNorm variance
+                    value = np.abs(value) + 0.5
+                tensor.set(value, paddle.CPUPlace())
+        result = export_onnx(program, [image], [logits], tmp_path / "rn50.onnx", scope=scope)
+    model = onnx.load(str(tmp_path / "rn50.onnx"))
+    assert check_model(model) == []
+    counts = Counter(n.op_type for n in model.graph.node)
+    # 54 data inputs + 54 weights (53 convs, fc) + 16 residual identity branches = 124
+    # quantized inputs; each stage's first block feeds its main and projection convs from one
+    # DQ (one tensor, one scale), so 4 fewer DequantizeLinear.
+    assert len(result.edges) == 124
+    assert counts["Conv"] == 53 and counts["DequantizeLinear"] == 120
