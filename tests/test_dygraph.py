@@ -114,3 +114,17 @@ def test_the_scale_update_is_paddles_moving_average(dygraph):
     for value in maxima:
         state, accum = 0.9 * state + 1, 0.9 * accum + value
     np.testing.assert_allclose(quanter.scales().numpy().item(), accum / state, rtol=1e-6)
+
+
+def test_pure_fp16_decoration_keeps_quant_state_float32(dygraph):
+    """AMP O2 (paddle.amp.decorate, which fleet.distributed_model applies) casts every layer
+    to float16 unless it opts out; on a CPU decorate is a no-op, so its initializer is called
+    directly. The quanters opt out: their scales stay float32, the weights go float16."""
+    from paddle.amp.auto_cast import amp_initialize
+
+    model = quantize_model(_net())
+    amp_initialize([model], "float16", None)
+    dtypes = {name: str(p.dtype) for name, p in model.named_parameters()}
+    assert dtypes["0.weight"] == "paddle.float16"
+    quant = {n: d for n, d in dtypes.items() if "quanter." in n and "zero_point" not in n}
+    assert len(quant) == 12 and set(quant.values()) == {"paddle.float32"}

@@ -32,6 +32,13 @@ def _fake_quant(x, step, qmax: int):
     return x + (simulated - x).detach()
 
 
+def _keep_fp32(layer) -> None:
+    """AMP O2 (``paddle.amp.decorate``, fleet's ``distributed_model``) casts every layer's
+    parameters to float16 unless the layer opts out; quant state must stay float32 (the
+    static programs keep it so too: paddle_qat.amp)."""
+    layer._cast_to_low_precision = False
+
+
 def _state(layer, name: str, shape: list, dtype: str = "float32", value: float = 1.0):
     """A non-trainable parameter: saved by ``paddle.jit.save``, broadcast by DataParallel."""
     tensor = layer.create_parameter(
@@ -98,6 +105,7 @@ class AbsMaxWeightQuanterLayer(BaseQuanter):
         super().__init__()
         self._bit_length = bit_length
         self._qmax = 2 ** (bit_length - 1) - 1
+        _keep_fp32(self)
         self._axis = output_channel_axis(layer) if per_channel else -1
         channels = layer.weight.shape[self._axis] if per_channel else 1
         self._scale = _state(self, "weight_quant.scale", [channels])
@@ -115,9 +123,10 @@ class AbsMaxWeightQuanterLayer(BaseQuanter):
                 scale = paddle.abs(weight).max(axis=reduce)
             else:
                 scale = paddle.abs(weight).max().reshape([1])
-            scale = paddle.maximum(scale, paddle.to_tensor(1e-8, dtype=scale.dtype))
+            scale = paddle.maximum(scale.astype("float32"), paddle.to_tensor(1e-8))
             paddle.assign(scale, self._scale)
-        return _fake_quant(weight, (scale / self._qmax).reshape(shape), self._qmax)
+        step = (scale / self._qmax).reshape(shape).astype(weight.dtype)
+        return _fake_quant(weight, step, self._qmax)
 
     def bit_length(self):
         return self._bit_length
@@ -157,6 +166,7 @@ class MovingAverageActivationQuanterLayer(BaseQuanter):
         self._bit_length = bit_length
         self._qmax = 2 ** (bit_length - 1) - 1
         self._moving_rate = moving_rate
+        _keep_fp32(self)
         self._scale = _state(self, "activation_quant.scale", [1], value=0.001)
         self._state = _state(self, "activation_quant.state", [1])
         self._accum = _state(self, "activation_quant.accum", [1])
