@@ -128,3 +128,27 @@ def test_pure_fp16_decoration_keeps_quant_state_float32(dygraph):
     assert dtypes["0.weight"] == "paddle.float16"
     quant = {n: d for n, d in dtypes.items() if "quanter." in n and "zero_point" not in n}
     assert len(quant) == 12 and set(quant.values()) == {"paddle.float32"}
+
+
+def test_export_keeps_a_model_that_names_its_own_sublayers_layers(dygraph, tmp_path):
+    """Only DataParallel / fleet wrappers are unwrapped, not any attribute called _layers."""
+
+    class Net(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self._layers = paddle.nn.LayerList([paddle.nn.Conv2D(3, 4, 3, padding=1),
+                                                paddle.nn.ReLU(), paddle.nn.Flatten(),
+                                                paddle.nn.Linear(4 * 8 * 8, 4)])
+
+        def forward(self, x):
+            for layer in self._layers:
+                x = layer(x)
+            return x
+
+    model = quantize_model(Net())
+    _train(model, 2)
+    result = export_onnx(model, SPEC, tmp_path / "net.onnx")
+    images = np.random.default_rng(2).normal(size=(4, 3, 8, 8)).astype("float32")
+    got = ort.InferenceSession(str(result.onnx_path)).run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
+                               atol=1e-5)

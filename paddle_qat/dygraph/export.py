@@ -8,9 +8,11 @@ from pathlib import Path
 
 
 def _inner(model):
+    """The user's model inside DataParallel and fleet's wrappers (not any ``_layers``)."""
     import paddle
+    from paddle.distributed.fleet.meta_parallel import MetaParallelBase
 
-    while isinstance(model, paddle.DataParallel) or hasattr(model, "_layers"):
+    while isinstance(model, (paddle.DataParallel, MetaParallelBase)):
         model = model._layers
     return model
 
