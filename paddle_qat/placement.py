@@ -116,5 +116,45 @@ def share_scales(program) -> list[tuple[str, ...]]:
                     _rename(dq, old, new)
                 if not any(old in op.input_arg_names + op.output_arg_names for op in block.ops):
                     block._remove_var(old)
+    _drop_repeated_quantizers(block)
     program._sync_with_cpp()
     return merged
+
+
+def _drop_repeated_quantizers(block) -> None:
+    """Two quantizers of one tensor with one scale compute the same thing (Paddle's residual
+    pass adds a second one for the identity branch): the later one's readers read the first
+    one's output, and the later pair goes. Gradients are unaffected (the backward ops read the
+    unquantized tensor); the moving average is updated once per step instead of twice."""
+    activation = {id(q) for q in _activation_quantizers(block)}
+    dequantizer_of = {op.input("X")[0]: index for index, op in enumerate(block.ops)
+                      if op.type == "dequantize_linear"}
+    first: dict[tuple, str] = {}
+    renames: dict[str, str] = {}
+    doomed: list[int] = []
+    for index, q in enumerate(block.ops):
+        if q.type != "quantize_linear" or id(q) not in activation:
+            continue
+        dq_index = dequantizer_of.get(q.output("Y")[0])
+        if dq_index is None:
+            continue
+        key = (q.input("X")[0], q.input("Scale")[0], q.attr("bit_length"))
+        output = block.ops[dq_index].output("Y")[0]
+        if key in first:
+            renames[output] = first[key]
+            doomed += [index, dq_index]
+        else:
+            first[key] = output
+    if not doomed:
+        return
+    for op in block.ops:
+        for old in set(op.input_arg_names) & set(renames):
+            op._rename_input(old, renames[old])
+    names = {n for i in doomed for n in block.ops[i].input_arg_names
+             + block.ops[i].output_arg_names}
+    for index in sorted(doomed, reverse=True):
+        block._remove_op(index)
+    used = {n for op in block.ops for n in op.input_arg_names + op.output_arg_names}
+    for name in names - used:
+        if block.has_var(name):
+            block._remove_var(name)
