@@ -4,8 +4,8 @@
 #
 # Usage: scripts/demo.sh [python -m paddle_qat.demo flags, e.g. --out runs/demo]
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.bash" 0 "$@"
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[cpu,export,demo]"

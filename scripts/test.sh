@@ -3,8 +3,8 @@
 #
 # Usage: scripts/test.sh [pytest flags, e.g. -k export]
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/lib/usage.bash" 0 "$@"
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[cpu,export,test]"

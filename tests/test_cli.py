@@ -194,3 +194,14 @@ def test_sensitivity_ranks_layers_and_checks_paddle_against_onnx(demo_run):
     fidelity = [float(line.rsplit(" ", 1)[1]) for line in result.stdout.splitlines()
                 if line.startswith("Paddle vs ONNX Runtime")]
     assert len(fidelity) >= 2 and min(fidelity) > 0.999
+
+
+@pytest.mark.parametrize("script, args", [
+    ("scripts/inference/export_qat.sh", ["only-a-checkpoint"]),
+    ("scripts/inference/infer_onnxruntime.sh", []),
+    ("scripts/inference/infer_tensorrt.sh", []),
+])
+def test_scripts_missing_arguments_print_usage_and_exit_2(script, args):
+    result = run(*args, script=script)
+    assert result.returncode == 2
+    assert "Usage:" in result.stderr and not result.stdout

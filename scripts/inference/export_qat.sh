@@ -6,9 +6,8 @@
 #   CHECKPOINT  an epoch_NNNN folder, or the folder of checkpoints (its latest is used)
 #   OUT_DIR     gets qat_int8.onnx and paddle/qat.pdmodel + .pdiparams
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
-if [[ $# -lt 2 ]]; then usage >&2; exit 2; fi
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/usage.bash" 2 "$@"
 checkpoint=$1 out=$2
 shift 2
 python -m paddle_qat export --checkpoint "$checkpoint" --onnx "$out/qat_int8.onnx" \

@@ -5,9 +5,8 @@
 # Usage: scripts/inference/infer_onnxruntime.sh MODEL.onnx [--input X.npy] [--labels Y.npy]
 #        [--batch N] [--benchmark RUNS] [--threads T] [--output LOGITS.npy]
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/usage.bash" 1 "$@"
 model=$1
 shift
 exec python -m paddle_qat infer "$model" --runtime onnxruntime "$@"

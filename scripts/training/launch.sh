@@ -8,8 +8,8 @@
 #   IPS     comma-separated node addresses for multi-node runs; run the same command on each
 #   LAUNCH  the whole launcher, replacing the above; LAUNCH=python runs one process (CPU)
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/usage.bash" 0 "$@"
 train_py="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/paddle_qat/train.py"
 default_launch="python -m paddle.distributed.launch --gpus=${GPUS:-0,1,2,3,4,5,6,7}${IPS:+ --ips=$IPS}"
 # shellcheck disable=SC2086  # LAUNCH is a command line on purpose

@@ -5,7 +5,7 @@
 #   GPUS / IPS / LAUNCH as in scripts/training/launch.sh. Writes ./output/epoch_NNNN and
 #   ./inference_amp/resnet_50_paddle.{pdmodel,pdiparams,onnx}.
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/usage.bash" 0 "$@"
 exec bash "$(dirname "$0")/launch.sh" --epochs 90 --amp --scale-loss 128.0 \
     --use-dynamic-loss-scaling --inference-dir ./inference_amp "$@"

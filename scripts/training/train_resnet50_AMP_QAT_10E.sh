@@ -8,8 +8,8 @@
 #   GPUS / IPS / LAUNCH as in scripts/training/launch.sh. Writes ./output_qat/epoch_NNNN and
 #   ./inference_qat/resnet_50_paddle.{pdmodel,pdiparams,onnx}.
 set -euo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/usage.bash" 0 "$@"
 checkpoint=./output/epoch_0090
 if [[ $# -gt 0 && "$1" != --* ]]; then checkpoint=$1; shift; fi
 exec bash "$(dirname "$0")/launch.sh" --from-pretrained-params "$checkpoint" --epochs 10 \
