@@ -48,7 +48,8 @@ class _Groups:
         self.parent[self.find(a)] = self.find(b)
 
 
-def _activation_quantizers(block) -> list:
+def activation_quantizers(block) -> list:
+    """The quantize_linear ops of ``block`` whose input is data, not a persistable weight."""
     found = []
     for op in block.ops:
         if op.type != "quantize_linear":
@@ -94,7 +95,7 @@ def share_scales(program) -> list[tuple[str, ...]]:
                     if q is not None and q.type == "quantize_linear":
                         groups.join(q.input("X")[0], name)
     members: dict[str, list] = {}
-    for q in _activation_quantizers(block):
+    for q in activation_quantizers(block):
         members.setdefault(groups.find(q.input("X")[0]), []).append(q)
 
     dequantizers = {op.input("X")[0]: op for op in block.ops if op.type == "dequantize_linear"}
@@ -126,7 +127,7 @@ def _drop_repeated_quantizers(block) -> None:
     pass adds a second one for the identity branch): the later one's readers read the first
     one's output, and the later pair goes. Gradients are unaffected (the backward ops read the
     unquantized tensor); the moving average is updated once per step instead of twice."""
-    activation = {id(q) for q in _activation_quantizers(block)}
+    activation = {id(q) for q in activation_quantizers(block)}
     dequantizer_of = {op.input("X")[0]: index for index, op in enumerate(block.ops)
                       if op.type == "dequantize_linear"}
     first: dict[tuple, str] = {}

@@ -22,6 +22,7 @@ import numpy as np
 
 from .calibration import ActivationCalibrator, CalibrationConfig
 from .errors import QATError
+from .placement import activation_quantizers
 
 # A moving average with decay 0.9 that has seen many batches has state 1 / (1 - 0.9).
 _STEADY_STATE = 10.0
@@ -30,12 +31,9 @@ _STEADY_STATE = 10.0
 def _quantizers(program):
     """(weight quantize_linear ops, activation quantize_linear ops) of ``program``."""
     block = program.global_block()
-    weights, activations = [], []
-    for op in block.ops:
-        if op.type != "quantize_linear":
-            continue
-        var = block._find_var_recursive(op.input("X")[0])
-        (weights if var is not None and var.persistable else activations).append(op)
+    activations = activation_quantizers(block)
+    data = {id(op) for op in activations}
+    weights = [op for op in block.ops if op.type == "quantize_linear" and id(op) not in data]
     return weights, activations
 
 
