@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -55,7 +56,6 @@ def export_onnx(model, input_spec, onnx_path, *, paddle_prefix=None, group=None,
         if target is not None:
             for suffix in (".pdmodel", ".pdiparams"):
                 os.replace(f"{prefix}{suffix}", f"{target}{suffix}")
-            result = type(result)(result.onnx_path,
-                                  (f"{target}.pdmodel", f"{target}.pdiparams"),
-                                  result.quantized_inputs)
+            result = dataclasses.replace(
+                result, paddle_model=(f"{target}.pdmodel", f"{target}.pdiparams"))
     return result
