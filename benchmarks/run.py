@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import os
 import platform
@@ -34,7 +35,9 @@ from paddle.distributed import fleet
 
 from paddle_qat.models import ModelSpec, build_classifier
 
-VARIANTS = ("fp32", "paddle_qat", "paddle_fleet_qat")
+VARIANTS = ("fp32", "paddle_qat", "paddle_fleet_qat", "paddle_qat_onnxruntime")
+CONFIGS = {"paddle_qat": paddle_qat.QATConfig(),
+           "paddle_qat_onnxruntime": paddle_qat.QATConfig(target="onnxruntime")}
 GOAL_STEP_RATIO = 1.15  # our QAT step time vs FP32, from issue 7
 
 
@@ -55,8 +58,19 @@ def machine() -> dict:
             "paddle_qat": paddle_qat.__version__}
 
 
-def _build(spec: ModelSpec, variant: str):
-    """(main, startup, eval, image, logits, loss, optimizer) built through fleet."""
+@dataclasses.dataclass
+class Built:
+    main: object
+    startup: object
+    eval: object
+    image: object
+    logits: object
+    loss: object
+    scope: object  # each variant's variables have the same names: one scope per variant
+
+
+def _build(spec: ModelSpec, variant: str) -> Built:
+    """One variant's programs built through fleet."""
     from paddle.distributed.fleet.base import meta_optimizer_factory
     from paddle.distributed.fleet.meta_optimizers import qat_optimizer as paddle_own
 
@@ -64,11 +78,17 @@ def _build(spec: ModelSpec, variant: str):
     main.random_seed = startup.random_seed = 1
     strategy = fleet.DistributedStrategy()
     strategy.qat = variant != "fp32"
+    if variant in CONFIGS:
+        paddle_qat.configure(strategy, CONFIGS[variant])
     ours = meta_optimizer_factory.QATOptimizer
     if variant == "paddle_fleet_qat":  # Paddle's optimizer, which paddle_qat replaces
         meta_optimizer_factory.QATOptimizer = paddle_own.QATOptimizer
     try:
-        with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
+        # Paddle's own QAT initializes its variables in the global scope only.
+        scope = paddle.static.global_scope() if variant == "paddle_fleet_qat" else \
+            paddle.static.Scope()
+        with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup), \
+                paddle.static.scope_guard(scope):
             image, _, logits, loss = build_classifier(spec)
             eval_program = main.clone(for_test=True)
             optimizer = fleet.distributed_optimizer(
@@ -76,7 +96,7 @@ def _build(spec: ModelSpec, variant: str):
             optimizer.minimize(loss)
     finally:
         meta_optimizer_factory.QATOptimizer = ours
-    return main, startup, eval_program, image, logits, loss, optimizer
+    return Built(main, startup, eval_program, image, logits, loss, scope)
 
 
 def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict:
@@ -87,34 +107,49 @@ def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict:
             "label": rng.integers(0, spec.classes, size=(batch, 1)).astype("int64")}
     exe = paddle.static.Executor(paddle.CPUPlace())
     built = {}
-    for variant in VARIANTS:  # Paddle's own QAT initializes in the global scope only
-        built[variant] = _build(spec, variant)
-        exe.run(built[variant][1])
-        for _ in range(3):  # warm-up: kernel selection, allocations
-            exe.run(built[variant][0], feed=feed, fetch_list=[built[variant][5]])
+    for variant in VARIANTS:
+        b = built[variant] = _build(spec, variant)
+        with paddle.static.scope_guard(b.scope):
+            exe.run(b.startup)
+            for _ in range(3):  # warm-up: kernel selection, allocations
+                exe.run(b.main, feed=feed, fetch_list=[b.loss])
     times = collections.defaultdict(list)
     for _ in range(rounds):
         for variant in VARIANTS:
-            main, loss = built[variant][0], built[variant][5]
-            for _ in range(steps):
-                start = time.perf_counter()
-                exe.run(main, feed=feed, fetch_list=[loss])
-                times[variant].append(time.perf_counter() - start)
+            b = built[variant]
+            with paddle.static.scope_guard(b.scope):
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    exe.run(b.main, feed=feed, fetch_list=[b.loss])
+                    times[variant].append(time.perf_counter() - start)
     return {v: statistics.median(t) for v, t in times.items()}, built
+
+
+# ONNX models of table (b): (row name, file name)
+FP32 = ("FP32", "fp32.onnx")
+QAT_TRT = ("QAT INT8, TensorRT placement", "qat_int8.onnx")
+QAT_ORT = ("QAT INT8, target onnxruntime", "qat_int8_onnxruntime.onnx")
+PTQ_TRT = ("ORT quantize_static PTQ INT8, TensorRT settings", "ort_ptq_int8.onnx")
+PTQ_ORT = ("ORT quantize_static PTQ INT8, CPU settings", "ort_ptq_int8_cpu.onnx")
+# (numerator, denominator, goal <= 1): the ratios table (b) reports
+RATIOS = ((QAT_TRT, PTQ_TRT), (QAT_ORT, PTQ_ORT), (QAT_ORT, FP32))
 
 
 def export_models(built, folder: Path, calibration: np.ndarray) -> dict[str, Path]:
     from paddle_qat.export import export_float_onnx, export_onnx
     from paddle_qat.export.ort_ptq import ort_ptq
 
-    main, _, eval_fp32, image, logits, _, _ = built["fp32"]
-    export_float_onnx(eval_fp32, [image], [logits], folder / "fp32.onnx")
-    _, _, eval_qat, image, logits, _, optimizer = built["paddle_qat"]
-    optimizer.qat_init(paddle.CPUPlace(), test_program=eval_qat)
-    export_onnx(eval_qat, [image], [logits], folder / "qat_int8.onnx")
-    ort_ptq(folder / "fp32.onnx", folder / "ort_ptq_int8.onnx", calibration)
-    return {"FP32": folder / "fp32.onnx", "paddle-qat QAT INT8": folder / "qat_int8.onnx",
-            "ORT quantize_static PTQ INT8": folder / "ort_ptq_int8.onnx"}
+    b = built["fp32"]
+    export_float_onnx(b.eval, [b.image], [b.logits], folder / FP32[1], scope=b.scope)
+    # fleet is one object per process: fleet.qat_init would use the last variant's
+    # optimizer, so each eval program is quantized with its variant's config directly.
+    for variant, (_, name) in (("paddle_qat", QAT_TRT), ("paddle_qat_onnxruntime", QAT_ORT)):
+        b = built[variant]
+        paddle_qat.quantize_program(b.eval, CONFIGS[variant], scope=b.scope, for_test=True)
+        export_onnx(b.eval, [b.image], [b.logits], folder / name, scope=b.scope)
+    for (_, name), target in ((PTQ_TRT, "tensorrt"), (PTQ_ORT, "onnxruntime")):
+        ort_ptq(folder / FP32[1], folder / name, calibration, target=target)
+    return {row: folder / name for row, name in (FP32, QAT_TRT, QAT_ORT, PTQ_TRT, PTQ_ORT)}
 
 
 def ort_latency(models: dict, shape: tuple, threads: int, rounds: int) -> tuple[dict, dict]:
@@ -189,11 +224,13 @@ def report(spec, args, info, steps, latency, kernels) -> str:
         one, many = latency[(name, 1)], latency[(name, 32)]
         lines.append(f"| {name} | {one.median_ms:.3f} | {one.p90_ms:.3f} | "
                      f"{many.median_ms:.2f} | {many.throughput:.0f} |")
-    qat, ptq = "paddle-qat QAT INT8", "ORT quantize_static PTQ INT8"
-    for batch in (1, 32):
-        ratio = latency[(qat, batch)].median_ms / latency[(ptq, batch)].median_ms
-        lines.append(f"\nQAT / PTQ latency at batch {batch}: {ratio:.3f} "
-                     f"({'met' if ratio <= 1.0 else 'NOT met'}: goal <= 1).")
+    lines += ["", "| latency ratio (goal <= 1) | batch 1 | batch 32 |", "| --- | --- | --- |"]
+    for (top, _), (bottom, _) in RATIOS:
+        cells = []
+        for batch in (1, 32):
+            ratio = latency[(top, batch)].median_ms / latency[(bottom, batch)].median_ms
+            cells.append(f"{ratio:.3f} ({'met' if ratio <= 1.0 else 'NOT met'})")
+        lines.append(f"| {top} / {bottom} | {' | '.join(cells)} |")
     lines += ["", "Kernels after ONNX Runtime's graph optimizations (what actually runs):", ""]
     lines += [f"- {name}: {ops}" for name, ops in kernels.items()]
     shape = "x".join(str(d) for d in (spec.in_channels, spec.image_size, spec.image_size))

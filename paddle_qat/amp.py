@@ -32,6 +32,7 @@ QUANTIZED_SLOTS = {
     "matmul": ("X", "Y"),
     "matmul_v2": ("X", "Y"),
     "elementwise_add": ("X", "Y"),
+    "pool2d": ("X",),
 }
 OBSERVER_OPS = ("quantize_linear", "moving_average_abs_max_scale")
 

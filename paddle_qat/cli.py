@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import TARGETS
 from .errors import QATError
 from .export.ort_ptq import ORT_METHODS
 
@@ -23,24 +24,30 @@ def _export(args) -> None:
 
     if args.checkpoint is not None:
         result = export_checkpoint(args.checkpoint, args.onnx, paddle_prefix=args.paddle_model,
-                                   opset=args.opset)
+                                   opset=args.opset, target=args.target)
     else:
-        result = export_paddle_model(args.paddle_input, args.onnx, opset=args.opset)
-    print(f"wrote {result.onnx_path} ({result.quantized_inputs} quantized inputs, "
-          f"TensorRT Q/DQ rules checked)")
+        result = export_paddle_model(args.paddle_input, args.onnx, opset=args.opset,
+                                     target=args.target)
+    checked = {"tensorrt": "TensorRT Q/DQ rules checked",
+               "onnxruntime": "every quantized op runs INT8 in ONNX Runtime"}[result.target]
+    print(f"wrote {result.onnx_path} ({result.quantized_inputs} quantized inputs, {checked})")
     if result.paddle_model:
         print(f"wrote {' and '.join(result.paddle_model)}")
 
 
 def _check(args) -> int:
     from .export.checker import check_model
+    from .export.onnxruntime_check import float_ops
 
     if not Path(args.model).is_file():
         raise QATError(f"ONNX model {args.model} does not exist")
-    violations = check_model(args.model)
+    if args.target == "onnxruntime":
+        violations, what = float_ops(args.model), "op(s) ONNX Runtime runs in float"
+    else:
+        violations, what = check_model(args.model), "violation(s) of TensorRT's Q/DQ rules"
     for violation in violations:
         print(violation)
-    print(f"{args.model}: {len(violations)} violation(s) of TensorRT's Q/DQ rules")
+    print(f"{args.model}: {len(violations)} {what}")
     return 1 if violations else 0
 
 
@@ -185,13 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--paddle-model", metavar="PREFIX",
                         help="with --checkpoint: also write a Paddle inference model here")
     export.add_argument("--opset", type=int, default=13, help="ONNX opset, >= 13 (default 13)")
+    export.add_argument("--target", choices=TARGETS, default=None,
+                        help="runtime to write and check the Q/DQ for (default: the one the "
+                             "model was trained for, QATConfig.target)")
     export.set_defaults(run=_export)
 
     check = commands.add_parser(
         "check", help="check an ONNX model against TensorRT's explicit-quantization rules",
-        description="List every violation of TensorRT's Q/DQ rules with the node name; exit 1 "
-                    "when there is any.")
+        description="List every violation of TensorRT's Q/DQ rules with the node name (with "
+                    "--target onnxruntime: every quantized op ONNX Runtime would run in "
+                    "float); exit 1 when there is any.")
     check.add_argument("model", help="ONNX file")
+    check.add_argument("--target", choices=TARGETS, default="tensorrt",
+                       help="whose rules to check (default tensorrt)")
     check.set_defaults(run=_check)
 
     compare = commands.add_parser(

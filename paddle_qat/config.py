@@ -41,6 +41,12 @@ ACTIVATION_OP_TYPES: tuple[str, ...] = (
 
 ACTIVATION_ALGOS: tuple[str, ...] = ("moving_average_abs_max",)
 
+# Where the INT8 model will run; it decides the Q/DQ placement trained (see QATConfig.target).
+TARGETS: tuple[str, ...] = ("tensorrt", "onnxruntime")
+# ONNX Runtime's CPU kernels run an op in INT8 only between a DequantizeLinear on every input
+# and a QuantizeLinear on its output, so its target also quantizes these ops' inputs.
+ONNXRUNTIME_ACTIVATION_OP_TYPES: tuple[str, ...] = ("elementwise_add", "pool2d")
+
 # quantize_linear's kernel hard-codes its moving-average decay (the pass's attribute is
 # dropped because the op does not declare it); measured on Paddle 3.3.1.
 PADDLE_MOVING_RATE = 0.9
@@ -90,6 +96,13 @@ class QATConfig:
         collect_output_scales: also observe every op's output range (``out_threshold``). Costs
             training time; export never turns these into Q/DQ.
         adjust_build_strategy: turn off fusions that hide ops from the quant passes.
+        target: where the INT8 model runs, which decides the Q/DQ placement trained.
+            ``"tensorrt"`` (default): signed INT8 everywhere, Q/DQ on conv/matmul inputs and
+            the identity branch of residual adds, as TensorRT fuses them.
+            ``"onnxruntime"``: for ONNX Runtime's CPU INT8 kernels. Every input of residual
+            adds and pooling is quantized too, and tensors that cannot be negative (after
+            ReLU) use the unsigned range [0, 255], so the exported ``Relu -> QuantizeLinear``
+            folds and every conv becomes a ``QLinearConv``. Export it with the same target.
     """
 
     weight_bits: int = 8
@@ -105,6 +118,23 @@ class QATConfig:
     share_scales: bool = True
     collect_output_scales: bool = False
     adjust_build_strategy: bool = True
+    target: str = "tensorrt"
+
+    @property
+    def quantized_activation_op_types(self) -> tuple[str, ...]:
+        """The op types quantized on their inputs only, for this target."""
+        extra = ONNXRUNTIME_ACTIVATION_OP_TYPES if self.target == "onnxruntime" else ()
+        return tuple(dict.fromkeys(self.activation_op_types + extra))
+
+    @property
+    def identity_branch_only(self) -> bool:
+        """Quantize the identity branch of residual adds alone (TensorRT's placement)."""
+        return self.quantize_residual_add and self.target == "tensorrt"
+
+    @property
+    def unsigned_activations(self) -> bool:
+        """Non-negative tensors are quantized to the unsigned range [0, 2**bits - 1]."""
+        return self.target == "onnxruntime"
 
     def __post_init__(self):
         for name in ("skip_name_scopes", "skip_weights", "weight_op_types", "activation_op_types"):
@@ -134,6 +164,10 @@ class QATConfig:
                 f"always averages with {PADDLE_MOVING_RATE}. Leave moving_rate at "
                 f"{PADDLE_MOVING_RATE}"
             )
+        if self.target not in TARGETS:
+            raise QATConfigError(
+                f"QATConfig.target = {self.target!r} is not a deployment target; use one of "
+                f"{list(TARGETS)}")
         algo = "moving_average_abs_max" if self.algo == "" else self.algo
         if algo not in ACTIVATION_ALGOS:
             raise QATConfigError(
@@ -247,4 +281,4 @@ def fleet_dict(config: QATConfig) -> dict:
     }
 
 
-__all__ = ["QATConfig", "WEIGHT_OP_AXES", "ACTIVATION_OP_TYPES"]
+__all__ = ["QATConfig", "TARGETS", "WEIGHT_OP_AXES", "ACTIVATION_OP_TYPES"]

@@ -12,6 +12,8 @@ wrong for deployment:
 * quantizing an eval program never overwrites scales that training already learnt;
 * under AMP (O1 or pure FP16/BF16) every quantizer runs in fp32 on the fp32-named tensor, with
   fp32 state (see :mod:`paddle_qat.amp`);
+* for ONNX Runtime (``target="onnxruntime"``), quantizers of tensors that cannot be negative
+  use the unsigned range, see :func:`paddle_qat.placement.use_unsigned_ranges`;
 * the integer range follows ``bit_length``: Paddle 3.3.1's quantize/dequantize kernels read
   the range from the ``qmin``/``qmax`` attributes (default -128/127) and ignore
   ``bit_length``, so without this ``weight_bits=4`` silently trains 8-bit.
@@ -28,7 +30,7 @@ from . import amp
 from .config import WEIGHT_OP_AXES, QATConfig
 from .errors import QATError
 from .legacy_ir import require_legacy_program
-from .placement import share_scales
+from .placement import share_scales, unquantize_bias_adds, use_unsigned_ranges
 
 QUANT_OP_TYPES = ("quantize_linear", "dequantize_linear")
 _WEIGHT_SLOT = {
@@ -138,17 +140,17 @@ def _apply_paddle_passes(program, config: QATConfig, scope, place, for_test: boo
             is_test=for_test,
         )
     ]
-    if config.quantize_residual_add:
+    if config.identity_branch_only:
         passes.append(AddQuantDequantForResidual(
             scope=scope, place=place, quant_bits=config.activation_bits, is_test=for_test))
-    if config.activation_op_types:
+    if config.quantized_activation_op_types:
         passes.append(AddQuantDequantPassV2(
             scope=scope,
             place=place,
             moving_rate=config.moving_rate,
             quant_bits=config.activation_bits,
             skip_pattern=list(config.skip_name_scopes),
-            quantizable_op_type=list(config.activation_op_types),
+            quantizable_op_type=list(config.quantized_activation_op_types),
             is_test=for_test,
         ))
     if config.collect_output_scales:
@@ -293,16 +295,20 @@ def quantize_program(
 
     quantized, skipped = _mark_skipped(program, config)
     saved_state = _quant_state_snapshot(scope)
-    hoist_types = set(config.weight_op_types) | (
-        {"elementwise_add"} if config.quantize_residual_add else set())
+    hoist_types = set(config.weight_op_types) | set(config.quantized_activation_op_types) | (
+        {"elementwise_add"} if config.identity_branch_only else set())
     hoisted = amp.hoist_casts(program, hoist_types)
     _apply_paddle_passes(program, config, scope, place, for_test)
     amp.restore_low_precision(program, scope, place, hoisted, hoist_types)
     _fix_weight_axes(program, scope, place)
     _set_integer_ranges(program)
     _stable_state_names(program, scope, place)
+    if config.target == "onnxruntime":
+        unquantize_bias_adds(program)
     if config.share_scales:
         share_scales(program)
+    if config.unsigned_activations:
+        use_unsigned_ranges(program)
     _restore(scope, place, saved_state)
     if startup_program is not None:
         _add_startup_initializers(program, startup_program, scope)

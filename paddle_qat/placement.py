@@ -17,6 +17,7 @@ from __future__ import annotations
 
 # Ops whose inputs and outputs TensorRT keeps in one INT8 scale (Q/DQ commutes through them).
 SCALE_SHARING_OPS: dict[str, tuple[str, ...]] = {
+    "cast": ("X",),  # AMP's precision casts: the same tensor to every runtime
     "concat": ("X",),
     "pool2d": ("X",),
     "reshape2": ("X",),
@@ -49,12 +50,15 @@ class _Groups:
 
 
 def activation_quantizers(block) -> list:
-    """The quantize_linear ops of ``block`` whose input is data, not a persistable weight."""
+    """The quantize_linear ops of ``block`` whose input is data, not a persistable weight
+    (nor, under AMP O2, an fp32 cast of one)."""
+    casts = {op.output("Out")[0]: op.input("X")[0] for op in block.ops if op.type == "cast"}
     found = []
     for op in block.ops:
         if op.type != "quantize_linear":
             continue
-        var = block._find_var_recursive(op.input("X")[0])
+        name = op.input("X")[0]
+        var = block._find_var_recursive(casts.get(name, name))
         if var is not None and not var.persistable:
             found.append(op)
     return found
@@ -159,3 +163,140 @@ def _drop_repeated_quantizers(block) -> None:
     for name in names - used:
         if block.has_var(name):
             block._remove_var(name)
+
+
+# Ops whose output cannot be negative, whatever their input.
+NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid", "softmax", "hard_sigmoid"})
+# Ops whose output cannot be negative when none of these input slots can be.
+SIGN_PRESERVING_OPS: dict[str, tuple[str, ...]] = {
+    **SCALE_SHARING_OPS,
+    "cast": ("X",),
+    "quantize_linear": ("X",),
+    "dequantize_linear": ("X",),
+    "elementwise_add": ("X", "Y"),
+}
+
+
+def non_negative_tensors(block) -> set[str]:
+    """Names of the forward tensors of ``block`` that cannot hold a negative value."""
+    found: set[str] = set()
+    for op in block.ops:
+        if int(op.attr("op_role")) not in (0, 256):
+            continue  # backward and optimizer ops carry gradients, not data
+        slots = SIGN_PRESERVING_OPS.get(op.type)
+        if op.type in NON_NEGATIVE_OPS:
+            found.update(op.output_arg_names)
+        elif slots is not None:
+            inputs = [name for slot in slots if slot in op.input_names for name in op.input(slot)]
+            if inputs and all(name in found for name in inputs):
+                found.update(op.output("Out" if "Out" in op.output_names else "Y"))
+    return found
+
+
+def use_unsigned_ranges(program) -> list[str]:
+    """Quantize tensors that cannot be negative to the unsigned range ``[0, 2**bits - 1]``.
+
+    A ReLU output quantized to signed INT8 uses half the levels, and ONNX Runtime cannot fold
+    ``Relu -> QuantizeLinear`` unless the zero point is the range's minimum, so the conv before
+    it runs in float. Unsigned 8-bit is simulated exactly by Paddle's kernels with
+    ``bit_length = 9`` (step ``scale / 255``) and ``qmin = 0``; the export writes it as uint8
+    with zero point 0. A scale shared by several quantizers (see :func:`share_scales`) goes
+    unsigned only when every one of them reads a non-negative tensor. Returns the scale names
+    made unsigned.
+    """
+    block = program.global_block()
+    non_negative = non_negative_tensors(block)
+    by_scale: dict[str, list] = {}
+    for q in activation_quantizers(block):
+        by_scale.setdefault(q.input("Scale")[0], []).append(q)
+    dequantizers = {op.input("X")[0]: op for op in block.ops if op.type == "dequantize_linear"}
+    unsigned = []
+    for scale, quantizers in by_scale.items():
+        if not all(q.input("X")[0] in non_negative for q in quantizers):
+            continue
+        if all(q.attr("qmin") == 0 for q in quantizers):
+            continue  # already unsigned
+        for q in quantizers:
+            bits = int(q.attr("bit_length"))
+            for op in (q, dequantizers.get(q.output("Y")[0])):
+                if op is None:
+                    continue
+                op._set_attr("bit_length", bits + 1)
+                op._set_attr("qmin", 0)
+                op._set_attr("qmax", 2 ** bits - 1)
+        unsigned.append(scale)
+    program._sync_with_cpp()
+    return unsigned
+
+
+def _quantized_source(name: str, made_by: dict):
+    """(tensor, ops) when ``name`` is a Q/DQ copy of ``tensor`` -- ``name`` = DQ(Q(tensor)),
+    or under AMP cast(DQ(Q(cast(tensor)))) -- with the ops between them; else None."""
+    chain = []
+    op = made_by.get(name)
+    cast_back = op is not None and op.type == "cast"
+    if cast_back:
+        chain.append(op)
+        op = made_by.get(op.input("X")[0])
+    if op is None or op.type != "dequantize_linear":
+        return None
+    q = made_by.get(op.input("X")[0])
+    if q is None or q.type != "quantize_linear":
+        return None
+    chain += [op, q]
+    source = q.input("X")[0]
+    cast = made_by.get(source)
+    if cast_back and cast is not None and cast.type == "cast":
+        chain.append(cast)
+        source = cast.input("X")[0]
+    return source, chain
+
+
+def unquantize_bias_adds(program) -> list[str]:
+    """Remove the Q/DQ that Paddle's activation pass puts on the data input of an
+    ``elementwise_add`` whose other input is a parameter (a bias after ``mul`` or ``conv2d``).
+    Such an add is part of the op before it, not a residual join: quantizing there adds a
+    rounding no runtime needs and keeps ONNX Runtime from fusing the bias. Returns the
+    tensors given back their float reads."""
+    block = program.global_block()
+    made_by = {name: op for op in block.ops for name in op.output_arg_names}
+
+    def is_parameter(name):  # under AMP a parameter is read through a cast
+        op = made_by.get(name)
+        if op is not None and op.type == "cast":
+            name = op.input("X")[0]
+        var = block._find_var_recursive(name)
+        return var is not None and var.persistable
+
+    restored, chains = [], []
+    for op in block.ops:
+        if op.type not in ("elementwise_add", "elementwise_add_grad"):
+            continue
+        if not any(is_parameter(n) for n in op.input("X") + op.input("Y")):
+            continue
+        for name in op.input("X") + op.input("Y"):
+            found = _quantized_source(name, made_by)
+            if found is not None:
+                op._rename_input(name, found[0])
+                restored.append(found[0])
+                chains.append(found[1])
+    removed: set[int] = set()
+    for chain in chains:  # consumer side first: each op goes once nothing reads its output
+        for op in chain:
+            if id(op) in removed:  # the forward add and its grad op share a chain
+                continue
+            read = {n for other in block.ops for n in other.input_arg_names}
+            data = [n for n in op.output_arg_names
+                    if not block._find_var_recursive(n).persistable]
+            if any(n in read for n in data):
+                break
+            index = next(i for i, o in enumerate(block.ops) if o is op)
+            removed.add(id(op))
+            names = set(op.input_arg_names + op.output_arg_names)
+            block._remove_op(index)
+            used = {n for o in block.ops for n in o.input_arg_names + o.output_arg_names}
+            for name in names - used:
+                if block.has_var(name):
+                    block._remove_var(name)
+    program._sync_with_cpp()
+    return sorted(set(restored))

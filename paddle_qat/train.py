@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-import paddle_qat  # noqa: F401  (legacy IR and fleet QAT in place before paddle)
+import paddle_qat  # legacy IR and fleet QAT in place before paddle
 from paddle_qat.calibration import METHODS, CalibrationConfig
+from paddle_qat.config import TARGETS
 from paddle_qat.errors import QATError
 from paddle_qat.models import MODELS, ModelSpec, build_classifier
 
@@ -97,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     qat = parser.add_argument_group("quantization-aware training")
     qat.add_argument("--qat", action="store_true", help="strategy.qat = True")
     qat.add_argument("--qat-weight-bits", type=int, default=8, choices=range(2, 9))
+    qat.add_argument("--qat-target", default="tensorrt", choices=TARGETS,
+                     help="runtime the INT8 model is for; it decides the Q/DQ placement "
+                          "trained and exported (QATConfig.target)")
     qat.add_argument("--qat-init", default="percentile", choices=("none", *METHODS),
                      help="calibrate the scales QAT starts from (not when resuming)")
     qat.add_argument("--calibration-batches", type=int, default=8)
@@ -138,8 +142,8 @@ def _strategy(args):
             "use_fp16_guard": False,
         }
     if args.qat:
-        strategy.qat = True
-        strategy.qat_configs = {"weight_bits": args.qat_weight_bits}
+        paddle_qat.configure(strategy, paddle_qat.QATConfig(weight_bits=args.qat_weight_bits,
+                                                            target=args.qat_target))
     return strategy
 
 
@@ -322,7 +326,7 @@ def export(args, programs: Programs, scope) -> None:
     with paddle.static.scope_guard(scope):
         if args.qat:
             export_onnx(programs.eval, [programs.image], [programs.logits], onnx_path,
-                        scope=scope)
+                        scope=scope, target=args.qat_target)
         else:
             export_float_onnx(programs.eval, [programs.image], [programs.logits], onnx_path,
                               scope=scope)

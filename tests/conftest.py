@@ -63,3 +63,14 @@ def demo_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         rows = demo.run(out, fp32_epochs=20, qat_epochs=2)
     return out, rows, printed.getvalue()
+
+
+@pytest.fixture
+def gpu_amp_lists(monkeypatch):
+    """Paddle's CPU build refuses conv/mul in the FP16 white list: make AMP's list builder
+    answer as on a GPU (the AMP rewrite itself stays Paddle's)."""
+    from paddle.static.amp import fp16_lists
+
+    real = fp16_lists._get_sys_unsupported_list
+    monkeypatch.setattr(fp16_lists, "_get_sys_unsupported_list",
+                        lambda dtype: ("GPU", set(), real(dtype)[2]))

@@ -31,15 +31,6 @@ AMP_CONFIGS = {
 }
 
 
-@pytest.fixture
-def gpu_amp_lists(monkeypatch):
-    from paddle.static.amp import fp16_lists
-
-    real = fp16_lists._get_sys_unsupported_list
-    monkeypatch.setattr(fp16_lists, "_get_sys_unsupported_list",
-                        lambda dtype: ("GPU", set(), real(dtype)[2]))
-
-
 def amp_qat(fleet, level, multi_precision=False):
     main, startup, test, tensors = nets.build()
     strategy = qat_strategy(fleet, amp=True)

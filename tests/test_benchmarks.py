@@ -18,6 +18,7 @@ def test_benchmark_script_writes_its_report(tmp_path):
          str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    for needle in ("| machine |", "| paddle_fleet_qat |", "| ORT quantize_static PTQ INT8 |",
-                   "QAT / PTQ latency at batch 32", "trtexec --onnx=qat_int8.onnx"):
+    for needle in ("| machine |", "| paddle_fleet_qat |", "| paddle_qat_onnxruntime |",
+                   "| ORT quantize_static PTQ INT8, CPU settings |",
+                   "| QAT INT8, target onnxruntime / FP32 |", "trtexec --onnx=qat_int8.onnx"):
         assert needle in text

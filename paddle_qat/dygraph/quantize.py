@@ -9,6 +9,11 @@ from ..errors import QATConfigError
 
 
 def _check_dygraph_config(config: QATConfig) -> None:
+    if config.target != "tensorrt":
+        raise QATConfigError(
+            f"QATConfig(target={config.target!r}) is built for static programs (fleet "
+            f"minimize / quantize_program); dygraph QAT trains TensorRT's placement. Train with "
+            f"the static fleet API for the {config.target} target")
     if config.activation_op_types or config.collect_output_scales:
         raise QATConfigError(
             "dygraph QAT quantizes Conv and Linear layers (input and weight) only; "

@@ -18,6 +18,32 @@ DEFAULT_OPSET = 13  # per-channel DequantizeLinear (axis) needs >= 13
 class OnnxExport:
     path: Path
     edges: tuple[QuantEdge, ...]
+    target: str = "tensorrt"
+
+
+def trained_target(edges) -> str:
+    """The deployment target a program was trained for: unsigned quantizers exist only with
+    ``QATConfig(target="onnxruntime")``."""
+    return "onnxruntime" if any(e.unsigned for e in edges) else "tensorrt"
+
+
+def _check(model, target: str) -> None:
+    if target == "tensorrt":
+        from .checker import check_model
+
+        violations = list(check_model(model))
+        rules = "TensorRT's Q/DQ rules"
+        fix = ""
+    else:
+        from .onnxruntime_check import float_ops
+
+        violations = float_ops(model)
+        rules = "ONNX Runtime's INT8 fusions"
+        fix = ("\nTrain with QATConfig(target='onnxruntime') for this placement, or pass "
+               "check=False to write it anyway")
+    if violations:
+        listing = "\n".join(f"  - {v}" for v in violations)
+        raise QATError(f"exported ONNX misses {rules}:\n{listing}{fix}")
 
 
 def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
@@ -66,13 +92,19 @@ def _float_onnx(program, feed_vars, fetch_vars, scope, opset: int):
 
 
 def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int = DEFAULT_OPSET,
-                check: bool = True) -> OnnxExport:
+                check: bool = True, target: str | None = None) -> OnnxExport:
     """Export a quantized eval program (with trained scales in ``scope``) to ONNX.
 
     Operators are translated by paddle2onnx from the program with its Q/DQ removed; then a
     QuantizeLinear/DequantizeLinear pair (an int8 initializer + DequantizeLinear for weights)
-    is put on exactly the inputs that training quantized. The result is checked against
-    TensorRT's explicit-quantization rules and written atomically.
+    is put on exactly the inputs that training quantized. The result is checked and written
+    atomically.
+
+    ``target`` (default: the one the program was trained for, see ``QATConfig.target``):
+    ``"tensorrt"`` writes signed INT8 Q/DQ checked against TensorRT's explicit-quantization
+    rules; ``"onnxruntime"`` writes uint8 activations, folds batch norms into the convs
+    (:mod:`~paddle_qat.export.onnxruntime_graph`) and checks that ONNX Runtime runs every
+    quantized op in INT8.
 
     Example::
 
@@ -81,24 +113,28 @@ def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int 
     import onnx
     import paddle
 
-    from .checker import check_model
+    from ..config import TARGETS
+    from .onnxruntime_graph import prepare_for_onnxruntime
 
+    if target is not None and target not in TARGETS:
+        raise QATError(f"export target {target!r}: use one of {list(TARGETS)}")
     if opset < 13:
         raise QATError(f"opset {opset} is too old: per-channel Q/DQ needs opset >= 13")
     scope = paddle.static.global_scope() if scope is None else scope
     edges = read_quant_edges(program, scope)  # first: names a non-QAT program or bad scale
     float_model, float_program = _float_onnx(program, feed_vars, fetch_vars, scope, opset)
     edges = _onnx_names(edges, float_program, float_model)
-    model = insert_qdq(float_model, edges)
+    target = trained_target(edges) if target is None else target
+    model = insert_qdq(float_model, edges, target)
+    if target == "onnxruntime":
+        prepare_for_onnxruntime(model)
     onnx.checker.check_model(model)
-    violations = tuple(check_model(model)) if check else ()
-    if violations:
-        listing = "\n".join(f"  - {v}" for v in violations)
-        raise QATError(f"exported ONNX breaks TensorRT's Q/DQ rules:\n{listing}")
+    if check:
+        _check(model, target)
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
-    return OnnxExport(path, tuple(edges))
+    return OnnxExport(path, tuple(edges), target)
 
 
 def export_float_onnx(program, feed_vars, fetch_vars, path, *, scope=None,

@@ -1,7 +1,12 @@
 """ONNX Runtime's own static PTQ of a float ONNX model: the baseline to compare QAT with.
 
-``quantize_static`` in QDQ format with int8 symmetric activations and per-channel int8
-weights, the settings TensorRT accepts, calibrated on the given images.
+``quantize_static`` in QDQ format with per-channel int8 weights, calibrated on the given
+images, with the settings of a deployment target (as ``QATConfig.target``):
+
+* ``"tensorrt"``: int8 symmetric activations, the only kind TensorRT accepts;
+* ``"onnxruntime"``: ONNX Runtime's recommended CPU recipe: ``quant_pre_process`` first
+  (folds batch norms into convs), then uint8 asymmetric activations, so ``Relu`` folds
+  into the quantizer and every conv gets an INT8 kernel.
 
 Example::
 
@@ -10,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +27,7 @@ ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
 
 def ort_ptq(float_onnx, out_path, images: np.ndarray, *, method: str = "MinMax",
-            batch: int = 32) -> Path:
+            batch: int = 32, target: str = "tensorrt") -> Path:
     """Quantize ``float_onnx`` with ONNX Runtime's ``quantize_static``; returns ``out_path``."""
     import onnx
     from onnxruntime.quantization import (
@@ -32,6 +38,10 @@ def ort_ptq(float_onnx, out_path, images: np.ndarray, *, method: str = "MinMax",
         quantize_static,
     )
 
+    from ..config import TARGETS
+
+    if target not in TARGETS:
+        raise QATError(f"PTQ target {target!r}: use one of {list(TARGETS)}")
     if method not in ORT_METHODS:
         raise QATError(f"ONNX Runtime calibration method {method!r}: use one of "
                        f"{list(ORT_METHODS)}")
@@ -48,12 +58,20 @@ def ort_ptq(float_onnx, out_path, images: np.ndarray, *, method: str = "MinMax",
         def get_next(self):
             return next(self.batches, None)
 
+    cpu = target == "onnxruntime"
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        quantize_static(str(float_onnx), str(tmp), Images(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8,
+    with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory() as work:
+        source = str(float_onnx)
+        if cpu:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            source = str(Path(work) / "preprocessed.onnx")
+            quant_pre_process(str(float_onnx), source, skip_symbolic_shape=True)
+        quantize_static(source, str(tmp), Images(), quant_format=QuantFormat.QDQ,
+                        per_channel=True,
+                        activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method),
-                        extra_options={"ActivationSymmetric": True,
+                        extra_options={"ActivationSymmetric": not cpu,
                                        "WeightSymmetric": True})
     return out_path

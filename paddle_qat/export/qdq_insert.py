@@ -3,6 +3,10 @@
 The float graph comes from paddle2onnx, which keeps Paddle's tensor names; each QuantEdge
 names the tensor and the Paddle op type that read it through Q/DQ in training, so the
 Q/DQ go exactly where training simulated them and nowhere else.
+
+Weights are int8 with zero point 0. Activations are int8 with zero point 0 for TensorRT;
+for ONNX Runtime they are uint8, the type its x86 INT8 kernels take: zero point 128 for a
+signed quantizer (the same 256 levels as int8) and 0 for an unsigned one.
 """
 
 from __future__ import annotations
@@ -81,13 +85,21 @@ class _Graph:
         self.graph.node.extend(keep)
 
 
-def _dq_node(g: _Graph, source: str, edge: QuantEdge, tag: str):
+def zero_point(edge: QuantEdge, target: str) -> np.ndarray:
+    """The ONNX zero point (its dtype is the quantized type) of ``edge`` for ``target``."""
+    shape = edge.scale.shape if edge.axis >= 0 else ()
+    if edge.is_weight or target == "tensorrt":
+        return np.zeros(shape, np.int8)
+    return np.full(shape, 0 if edge.unsigned else 128, np.uint8)
+
+
+def _dq_node(g: _Graph, source: str, edge: QuantEdge, tag: str, target: str):
     from onnx import helper
 
     shape = edge.scale.shape if edge.axis >= 0 else ()
     scale = (edge.scale / np.float32(edge.qmax)).astype(np.float32).reshape(shape)
     scale_name = g.add_initializer(f"{edge.tensor}.{tag}.scale", scale)
-    zero_name = g.add_initializer(f"{edge.tensor}.{tag}.zero_point", np.zeros(shape, np.int8))
+    zero_name = g.add_initializer(f"{edge.tensor}.{tag}.zero_point", zero_point(edge, target))
     out = f"{edge.tensor}.{tag}.dequantized"
     kwargs = {"axis": edge.axis} if edge.axis >= 0 else {}
     node = helper.make_node("DequantizeLinear", [source, scale_name, zero_name], [out],
@@ -95,16 +107,17 @@ def _dq_node(g: _Graph, source: str, edge: QuantEdge, tag: str):
     return node, scale_name, zero_name, out
 
 
-def _place(g: _Graph, edge: QuantEdge, tag: str) -> str:
+def _place(g: _Graph, edge: QuantEdge, tag: str, target: str) -> str:
     from onnx import helper
 
     if edge.is_weight:
         q = quantize_weight(g.weight_value(edge.tensor), edge)
         source = g.add_initializer(f"{edge.tensor}.{tag}.int8", q)
-        dq, _, _, out = _dq_node(g, source, edge, tag)
+        dq, _, _, out = _dq_node(g, source, edge, tag, target)
         g.new_nodes.append(dq)
         return out
-    dq, scale_name, zero_name, out = _dq_node(g, f"{edge.tensor}.{tag}.quantized", edge, tag)
+    dq, scale_name, zero_name, out = _dq_node(g, f"{edge.tensor}.{tag}.quantized", edge, tag,
+                                              target)
     q = helper.make_node("QuantizeLinear", [edge.tensor, scale_name, zero_name],
                          [f"{edge.tensor}.{tag}.quantized"],
                          name=f"{edge.tensor}.{tag}.QuantizeLinear")
@@ -112,9 +125,10 @@ def _place(g: _Graph, edge: QuantEdge, tag: str) -> str:
     return out
 
 
-def insert_qdq(model, edges: list[QuantEdge]):
+def insert_qdq(model, edges: list[QuantEdge], target: str = "tensorrt"):
     """Return ``model`` with a Q/DQ (or int8 weight + DQ) on every edge; raises if one has
-    no place in the graph, so no simulated quantization can vanish."""
+    no place in the graph, so no simulated quantization can vanish. ``target`` is
+    ``"tensorrt"`` or ``"onnxruntime"`` (see the module doc)."""
     g = _Graph(model)
     groups: dict[tuple[str, frozenset], QuantEdge] = {}
     for edge in edges:
@@ -122,11 +136,16 @@ def insert_qdq(model, edges: list[QuantEdge]):
             raise UnsupportedOpError(
                 f"cannot export Q/DQ on input {edge.tensor!r} of Paddle op {edge.consumer!r}: "
                 f"no ONNX mapping; supported consumers: {sorted(ONNX_CONSUMERS)}")
-        if not edge.is_weight and edge.bits != 8:
+        if not edge.is_weight and edge.integer_bits != 8:
             raise UnsupportedOpError(
-                f"activation {edge.tensor!r} is quantized to {edge.bits} bits; ONNX INT8 "
-                f"QuantizeLinear saturates at 8 bits, so only 8-bit activations export "
+                f"activation {edge.tensor!r} is quantized to {edge.integer_bits} bits; ONNX "
+                f"INT8 QuantizeLinear saturates at 8 bits, so only 8-bit activations export "
                 f"faithfully (weights may use fewer bits)")
+        if edge.unsigned and target == "tensorrt":
+            raise QATError(
+                f"activation {edge.tensor!r} was trained unsigned (QATConfig(target="
+                f"'onnxruntime')), which TensorRT's signed INT8 cannot run: export with "
+                f"target='onnxruntime', or train with target='tensorrt' for TensorRT")
         key = (edge.tensor, ONNX_CONSUMERS[edge.consumer])
         seen = groups.setdefault(key, edge)
         if not np.array_equal(seen.scale, edge.scale):
@@ -139,18 +158,19 @@ def insert_qdq(model, edges: list[QuantEdge]):
                 f"training quantized input {tensor!r} of {edge.consumer}, but the ONNX graph "
                 f"has no {sorted(onnx_types)} reading {tensor!r}; refusing to drop that Q/DQ")
         tag = f"{edge.consumer}{index}"
-        out = _place(g, edge, tag)
+        out = _place(g, edge, tag, target)
         for node, input_index in targets:
             node.input[input_index] = out
     g.drop_unused_constants()
-    _insert_before_consumers(g)
+    sort_nodes(g.graph, g.new_nodes)
     return model
 
 
-def _insert_before_consumers(g: _Graph) -> None:
-    """Order old and new nodes topologically (each pass keeps the original order)."""
-    available = {i.name for i in g.graph.input} | {t.name for t in g.graph.initializer} | {""}
-    remaining = list(g.graph.node) + g.new_nodes
+def sort_nodes(graph, new_nodes=()) -> None:
+    """Put ``graph``'s nodes (plus ``new_nodes``) in topological order; each pass keeps the
+    original order, so an already sorted graph is unchanged."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    remaining = list(graph.node) + list(new_nodes)
     ordered = []
     while remaining:
         rest = []
@@ -163,5 +183,5 @@ def _insert_before_consumers(g: _Graph) -> None:
         if len(rest) == len(remaining):
             raise QATError(f"cannot order ONNX nodes; inputs missing for {rest[0].name!r}")
         remaining = rest
-    del g.graph.node[:]
-    g.graph.node.extend(ordered)
+    del graph.node[:]
+    graph.node.extend(ordered)

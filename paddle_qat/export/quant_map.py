@@ -14,7 +14,9 @@ class QuantEdge:
     """``consumer`` (a Paddle op type) reads ``tensor`` through quantize -> dequantize.
 
     ``scale`` is Paddle's abs-max range (ONNX's scale is ``scale / qmax``); ``axis`` is -1 for
-    a per-tensor scale.
+    a per-tensor scale. ``bits`` is Paddle's ``bit_length``; an ``unsigned`` quantizer (a
+    non-negative tensor, ``target="onnxruntime"``) has ``bit_length`` one more than its
+    integer width and the range ``[0, qmax]``.
     """
 
     tensor: str
@@ -24,10 +26,20 @@ class QuantEdge:
     axis: int
     bits: int
     is_weight: bool
+    unsigned: bool = False
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
+
+    @property
+    def qmin(self) -> int:
+        return 0 if self.unsigned else -self.qmax - 1
+
+    @property
+    def integer_bits(self) -> int:
+        """Width of the integer type that holds the quantized values."""
+        return self.bits - 1 if self.unsigned else self.bits
 
 
 def _value(scope, name: str) -> np.ndarray:
@@ -77,6 +89,7 @@ def read_quant_edges(program, scope) -> list[QuantEdge]:
                 axis=int(q.attr("quant_axis")),
                 bits=int(q.attr("bit_length")),
                 is_weight=bool(var is not None and var.persistable),
+                unsigned=int(q.attr("qmin")) == 0,
             ))
     if not edges:
         raise QATError(

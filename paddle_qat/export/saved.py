@@ -13,6 +13,7 @@ class SavedExport:
     onnx_path: Path
     paddle_model: tuple[str, str] | None  # (.pdmodel, .pdiparams) when one was written
     quantized_inputs: int  # Q/DQ-fed op inputs in the ONNX model
+    target: str = "tensorrt"  # the runtime whose rules the ONNX was written and checked for
 
 
 def build_eval_program(spec, config, scope, place=None):
@@ -37,11 +38,12 @@ def build_eval_program(spec, config, scope, place=None):
     return program, image, logits
 
 
-def export_checkpoint(checkpoint, onnx_path, *, paddle_prefix=None, opset: int = 13
-                      ) -> SavedExport:
+def export_checkpoint(checkpoint, onnx_path, *, paddle_prefix=None, opset: int = 13,
+                      target: str | None = None) -> SavedExport:
     """Rebuild the model a checkpoint names, load its weights and scales, export it.
 
     ``checkpoint`` is an ``epoch_NNNN`` folder or a folder of them (its latest is used).
+    ``target`` defaults to the one the checkpoint was trained for (``QATConfig.target``).
 
     Example::
 
@@ -69,16 +71,19 @@ def export_checkpoint(checkpoint, onnx_path, *, paddle_prefix=None, opset: int =
     with paddle.static.scope_guard(scope):
         program, image, logits = build_eval_program(spec, config, scope)
         load_checkpoint(checkpoint, program, scope=scope)
-        result = export_onnx(program, [image], [logits], onnx_path, scope=scope, opset=opset)
+        result = export_onnx(program, [image], [logits], onnx_path, scope=scope, opset=opset,
+                             target=target or config.target)
         written = None
         if paddle_prefix is not None:
             exe = paddle.static.Executor(paddle.CPUPlace())
             written = export_inference_model(paddle_prefix, [image], [logits], exe, program)
-    return SavedExport(Path(onnx_path), written, len(result.edges))
+    return SavedExport(Path(onnx_path), written, len(result.edges), result.target)
 
 
-def export_paddle_model(path_prefix, onnx_path, *, opset: int = 13) -> SavedExport:
+def export_paddle_model(path_prefix, onnx_path, *, opset: int = 13,
+                        target: str | None = None) -> SavedExport:
     """Export a Paddle inference model that keeps its quant ops (``.pdmodel``/``.pdiparams``).
+    ``target`` defaults to the one the model was trained for (see ``export_onnx``).
 
     Example::
 
@@ -105,5 +110,5 @@ def export_paddle_model(path_prefix, onnx_path, *, opset: int = 13) -> SavedExpo
                            f"files are truncated or not a Paddle inference model") from None
         block = program.global_block()
         result = export_onnx(program, [block.var(n) for n in feed_names], fetch_vars,
-                             onnx_path, scope=scope, opset=opset)
-    return SavedExport(Path(onnx_path), None, len(result.edges))
+                             onnx_path, scope=scope, opset=opset, target=target)
+    return SavedExport(Path(onnx_path), None, len(result.edges), result.target)

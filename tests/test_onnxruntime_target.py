@@ -1,0 +1,320 @@
+"""QATConfig(target="onnxruntime"): a placement ONNX Runtime's CPU runs fully in INT8.
+
+Trained: every residual-add and pooling input quantized, ReLU outputs unsigned. Exported:
+uint8 activations, batch norms folded, and ONNX Runtime's own optimizer must give every
+quantized op an INT8 kernel (asked, not assumed: its optimized graph is inspected).
+"""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import paddle
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import nets
+import paddle_qat
+from paddle_qat import QATConfig, QATConfigError, QATError
+from paddle_qat.dygraph import quantize_model
+from paddle_qat.export import export_float_onnx, export_onnx
+from paddle_qat.export.onnxruntime_check import float_ops, optimized_model
+from paddle_qat.export.onnxruntime_graph import (
+    fold_batch_norms,
+    prepare_for_onnxruntime,
+    quantize_conv_biases,
+)
+from paddle_qat.placement import activation_quantizers
+from program_tools import producers
+
+ORT_TARGET = QATConfig(target="onnxruntime")
+
+
+def _train(config, steps=30):
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope), paddle.utils.unique_name.guard():
+        main, startup, test, (image, _, logits, loss) = nets.build()
+        with paddle.static.program_guard(main, startup):
+            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
+        paddle_qat.quantize_program(main, config, startup_program=startup)
+        paddle_qat.quantize_program(test, config, for_test=True)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        for feed in nets.separable_batches(steps):
+            exe.run(main, feed=feed)
+    return dict(scope=scope, test=test, image=image, logits=logits, exe=exe)
+
+
+@pytest.fixture(scope="module")
+def ort_trained():
+    return _train(ORT_TARGET)
+
+
+def _quantizers(program):
+    """{quantized tensor: (quantize op, the op type that made the tensor)} for activations."""
+    made_by = producers(program)
+    return {q.input("X")[0]: (q, made_by[q.input("X")[0]].type if q.input("X")[0] in made_by
+                              else "feed")
+            for q in activation_quantizers(program.global_block())}
+
+
+def test_relu_outputs_train_unsigned_and_every_add_input_is_quantized(ort_trained):
+    program, scope = ort_trained["test"], ort_trained["scope"]
+    quantizers = _quantizers(program)
+    ranges = {made: set() for made in ("relu", "batch_norm", "feed", "pool2d", "flatten")}
+    for q, made in quantizers.values():
+        ranges.setdefault(made, set()).add((q.attr("qmin"), q.attr("qmax"), q.attr("bit_length")))
+    # batch_norm(act="relu") names its relu output batch_norm_*.tmp_4: made by a relu op
+    assert ranges["relu"] == {(0, 255, 9)} and ranges["pool2d"] == {(0, 255, 9)}
+    assert ranges["feed"] == {(-128, 127, 8)}  # the image can be negative
+    assert ranges["batch_norm"] == {(-128, 127, 8)}  # the residual branch before the add
+    block = program.global_block()
+    made_by = producers(program)
+    (residual,) = [op for op in block.ops if op.type == "elementwise_add"
+                   and not any(block.var(n).persistable for n in op.input_arg_names)]
+    assert all(made_by[n].type == "dequantize_linear" for n in residual.input_arg_names)
+    (bias_add,) = [op for op in block.ops if op.type == "elementwise_add" and op is not residual]
+    assert not any(made_by.get(n) is not None and made_by[n].type == "dequantize_linear"
+                   for n in bias_add.input_arg_names)  # fc's bias add stays float
+
+    # Paddle's kernel really simulates uint8: step scale / 255, nothing below 0
+    relu_tensor = next(t for t, (_, made) in quantizers.items() if made == "relu")
+    q = quantizers[relu_tensor][0]
+    dq = next(op for op in block.ops if op.type == "dequantize_linear"
+              and op.input("X") == q.output("Y"))
+    feed = next(nets.separable_batches(1, batch=32, seed=4))
+    x, y = ort_trained["exe"].run(program, feed=feed, scope=scope,
+                                  fetch_list=[relu_tensor, dq.output("Y")[0]])
+    scale = float(np.array(scope.find_var(q.input("Scale")[0]).get_tensor())[0])
+    np.testing.assert_allclose(y, np.clip(np.round(x / scale * 255), 0, 255) * scale / 255,
+                               atol=1e-6)
+    levels = np.unique(np.round(y / scale * 255))
+    assert levels.min() >= 0 and levels.max() > 127  # the upper half of the range is used
+
+
+def test_export_runs_every_quantized_op_int8_in_onnxruntime_and_matches_paddle(
+        ort_trained, tmp_path):
+    t = ort_trained
+    with paddle.static.scope_guard(t["scope"]):
+        result = export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "cpu.onnx",
+                             scope=t["scope"])  # target read from the program; check passes
+    assert result.target == "onnxruntime"
+    model = onnx.load(str(tmp_path / "cpu.onnx"))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["BatchNormalization"] == 0 and ops["Relu"] == 0  # folded / absorbed
+    zero_points = {numpy_helper.to_array(t).dtype for t in model.graph.initializer
+                   if t.name.endswith("zero_point")}
+    assert np.dtype(np.uint8) in zero_points and np.dtype(np.int32) in zero_points
+
+    optimized = collections.Counter(n.op_type for n in optimized_model(model).graph.node)
+    assert optimized["QLinearConv"] == 2 and optimized["QLinearAdd"] == 1
+    assert optimized["QLinearGlobalAveragePool"] == 1
+    assert not {"Conv", "FusedConv", "BatchNormalization", "Relu"} & set(optimized)
+    assert float_ops(model) == []
+
+    feed = next(nets.separable_batches(1, batch=64, seed=3))
+    expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]], scope=t["scope"])[0]
+    got = ort.InferenceSession(str(tmp_path / "cpu.onnx")).run(None, {"image": feed["image"]})[0]
+    # The average pool's input is quantized here, so its output often lies exactly between two
+    # levels, and the order of a float sum decides the side (a step in ~2% of values; measured).
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_tensorrt_placement_fails_the_onnxruntime_check(tmp_path):
+    """Control for the check: the TensorRT placement leaves convs in float on ONNX Runtime."""
+    t = _train(QATConfig(), steps=5)
+    with paddle.static.scope_guard(t["scope"]):
+        with pytest.raises(QATError, match=r"runs in float[\s\S]*target='onnxruntime'"):
+            export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                        scope=t["scope"], target="onnxruntime")
+        export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                    scope=t["scope"], target="onnxruntime", check=False)
+    problems = float_ops(str(tmp_path / "m.onnx"))
+    assert any(p.startswith(("Conv", "FusedConv")) for p in problems)
+
+
+def test_unsigned_program_refuses_a_tensorrt_export(ort_trained, tmp_path):
+    t = ort_trained
+    with paddle.static.scope_guard(t["scope"]), \
+            pytest.raises(QATError, match="trained unsigned.*target='onnxruntime'"):
+        export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                    scope=t["scope"], target="tensorrt")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_targets_are_named():
+    with pytest.raises(QATConfigError, match="'cpu' is not a deployment target.*onnxruntime"):
+        QATConfig(target="cpu")
+    with pytest.raises(QATConfigError, match="static programs"):
+        quantize_model(paddle.nn.Linear(2, 2), ORT_TARGET)
+
+
+def _conv_bn_model(gamma, weight_min=-127):
+    """image -> DQ(int8 weight) conv -> BatchNormalization, with a chosen norm scale."""
+    rng = np.random.default_rng(0)
+    weight = rng.integers(weight_min, 128, size=(3, 2, 3, 3)).astype(np.int8)
+    weight[:, 0, 0, 0] = weight_min
+    channels = len(gamma)
+    inits = [numpy_helper.from_array(weight, "w"),
+             numpy_helper.from_array(np.array([0.01, 0.02, 0.005], np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(3, np.int8), "w_zero"),
+             numpy_helper.from_array(np.asarray(gamma, np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(size=channels).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(size=channels).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, channels).astype(np.float32), "var"),
+             numpy_helper.from_array(np.float32(0.02), "x_scale"),
+             numpy_helper.from_array(np.uint8(128), "x_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"],
+                              ["y"], epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2, 6, 6])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("weight_min", [-127, -128])
+def test_folding_batch_norm_into_an_int8_conv_keeps_its_output(weight_min):
+    """A negative norm scale flips that channel's int8 values; -128 cannot flip, so then the
+    channel's scale goes negative: both exact."""
+    x = np.random.default_rng(1).normal(size=(1, 2, 6, 6)).astype(np.float32)
+    model = _conv_bn_model([1.5, -0.7, 0.3], weight_min)
+    expected = _run(model, x)
+    assert fold_batch_norms(model) == 1
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 0
+    np.testing.assert_allclose(_run(model, x), expected, atol=1e-5)
+    assert quantize_conv_biases(model) == 1  # int32 bias: within half a unit of its scale
+    np.testing.assert_allclose(_run(model, x), expected, atol=0.5 * 0.02 * 0.02 * 1.5 + 1e-5)
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
+    assert (weight.min() == -128) == (weight_min == -128)
+    # ONNX Runtime's fused QLinearConv (an output quantizer added) agrees with plain Q/DQ
+    model.graph.initializer.extend([numpy_helper.from_array(np.float32(0.05), "ys"),
+                                    numpy_helper.from_array(np.uint8(128), "yz")])
+    model.graph.output[0].name = "yd"
+    model.graph.node.extend([helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+                             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["yd"])])
+    assert collections.Counter(n.op_type for n in optimized_model(model).graph.node)[
+        "QLinearConv"] == 1
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(model.SerializeToString(), options).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(_run(model, x), plain)
+
+
+def test_a_bias_beyond_int32_gets_a_coarser_weight_scale_not_an_overflow():
+    """gamma ~ 0 folds to a weight scale ~ 0: in units of input x weight scale the bias would
+    be ~1e13. The channel gets a coarser scale; its output (~ its bias) barely moves."""
+    x = np.random.default_rng(1).normal(size=(1, 2, 6, 6)).astype(np.float32)
+    model = _conv_bn_model([1.5, 1e-9, 0.3])
+    expected = _run(model, x)
+    fold_batch_norms(model)
+    quantize_conv_biases(model)
+    bias = numpy_helper.to_array(next(t for t in model.graph.initializer
+                                      if t.name.endswith(".bias.int32")))
+    assert np.abs(bias).max() <= 2 ** 30
+    got = _run(model, x)
+    np.testing.assert_allclose(got[:, [0, 2]], expected[:, [0, 2]], atol=1e-4)  # untouched
+    np.testing.assert_allclose(got[:, 1], expected[:, 1], atol=1e-6 + 3e-4 * np.abs(
+        expected[:, 1]).max())
+
+
+def test_relu_and_max_pool_before_an_unsigned_quantizer_become_int8_exactly():
+    """x -> Relu -> MaxPool -> Q(uint8, zero point 0) -> DQ: the Relu is the quantizer's
+    saturation at 0, and the max pool commutes with quantization."""
+    scale, zero = numpy_helper.from_array(np.float32(0.05), "s"), \
+        numpy_helper.from_array(np.uint8(0), "z")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2],
+                              name="pool"),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, 3, 8, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], initializer=[scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = (np.random.default_rng(2).normal(size=(2, 3, 8, 8)) * 10).astype(np.float32)
+    expected = _run(model, x)
+    prepare_for_onnxruntime(model)
+    assert [n.op_type for n in model.graph.node] == [
+        "QuantizeLinear", "DequantizeLinear", "MaxPool", "QuantizeLinear", "DequantizeLinear"]
+    np.testing.assert_array_equal(_run(model, x), expected)
+
+
+def test_onnxruntime_ptq_cpu_settings_fold_norms_and_quantize_every_conv(ort_trained, tmp_path):
+    from paddle_qat.export.ort_ptq import ort_ptq
+
+    float_program = paddle_qat.export.quant_map.strip_quant_ops(ort_trained["test"])
+    with paddle.static.scope_guard(ort_trained["scope"]):
+        export_float_onnx(float_program, [ort_trained["image"]], [ort_trained["logits"]],
+                          tmp_path / "fp32.onnx", scope=ort_trained["scope"])
+    images = next(nets.separable_batches(1, batch=32))["image"]
+    ort_ptq(tmp_path / "fp32.onnx", tmp_path / "ptq.onnx", images, target="onnxruntime")
+    assert float_ops(str(tmp_path / "ptq.onnx")) == []
+    ort_ptq(tmp_path / "fp32.onnx", tmp_path / "ptq_trt.onnx", images)  # TensorRT settings
+    assert float_ops(str(tmp_path / "ptq_trt.onnx"))  # their convs stay float on the CPU
+
+
+@pytest.mark.slow
+def test_resnet50_onnxruntime_target_gets_an_int8_kernel_for_every_conv_and_add(tmp_path):
+    from paddle_qat.checkpoint import is_quant_state
+    from paddle_qat.export.saved import build_eval_program
+    from paddle_qat.models import ModelSpec
+    from paddle_qat.ptq import calibrate
+
+    scope = paddle.static.Scope()
+    rng = np.random.default_rng(0)
+    with paddle.static.scope_guard(scope):
+        program, image, logits = build_eval_program(ModelSpec("resnet50", 3, 32, 10),
+                                                    ORT_TARGET, scope)
+        for var in program.list_vars():
+            if var.persistable and var.name not in ("feed", "fetch") and \
+                    not is_quant_state(var.name):
+                value = rng.normal(0, 0.05, size=var.shape).astype("float32")
+                if var.name.endswith("w_2"):  # BatchNorm variance
+                    value = np.abs(value) + 0.5
+                scope.var(var.name).get_tensor().set(value, paddle.CPUPlace())
+        images = rng.normal(size=(8, 3, 32, 32)).astype("float32")
+        calibrate(program, [{"image": images, "label": np.zeros((8, 1), "int64")}],
+                  scope=scope)  # real scales, from the float activations
+        export_onnx(program, [image], [logits], tmp_path / "rn50.onnx", scope=scope)
+    optimized = collections.Counter(
+        n.op_type for n in optimized_model(str(tmp_path / "rn50.onnx")).graph.node)
+    assert optimized["QLinearConv"] == 53 and optimized["QLinearAdd"] == 16
+    assert not {"Conv", "FusedConv", "BatchNormalization", "Relu"} & set(optimized)
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_amp_keeps_the_onnxruntime_quantizers_fp32(level, gpu_amp_lists, single_rank,
+                                                   fresh_scope):
+    """AMP casts around the extra add and pooling quantizers too: state fp32, FP32 names,
+    the same unsigned ranges as the FP32 eval program."""
+    from test_amp import AMP_CONFIGS, quant_state
+
+    from test_fleet_qat import fleet_minimize
+
+    main, startup, test, (_, _, _, loss) = nets.build()
+    strategy = single_rank.DistributedStrategy()
+    strategy.amp = True
+    strategy.amp_configs = AMP_CONFIGS[level]
+    paddle_qat.configure(strategy, ORT_TARGET)
+    optimizer = fleet_minimize(single_rank, strategy, main, startup, loss)
+    state = quant_state(main)
+    assert state and not [n for n in state if "cast_fp" in n]
+    assert {d for n, d in state.items() if not n.endswith("@zero_point")} == {
+        paddle.base.core.VarDesc.VarType.FP32}
+    optimizer.qat_init(paddle.CPUPlace(), scope=fresh_scope, test_program=test)
+
+    def ranges(program):
+        return {q.input("Scale")[0]: (q.attr("qmin"), q.attr("qmax"))
+                for q, _ in _quantizers(program).values()}
+    assert ranges(main) == ranges(test)
+    assert (0, 255) in ranges(test).values() and (-128, 127) in ranges(test).values()
