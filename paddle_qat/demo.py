@@ -7,8 +7,10 @@ Runs on 2 CPU cores in a few minutes with scikit-learn's bundled handwritten dig
 
 For 8-bit weights and low-bit settings (``--low-bits``, 4 and 3 by default) it calibrates PTQ
 models with each calibrator (max, percentile, MSE, entropy) and fine-tunes a QAT model
-(``strategy.qat = True``) whose scales start from PTQ's. Every model is exported to ONNX
-and run by ONNX Runtime; one table prints accuracy, latency at batch 1 and model size.
+(``strategy.qat = True``) whose scales start from PTQ's, all with TensorRT's Q/DQ placement.
+Then, for the CPU it runs on: ONNX Runtime's own PTQ recipe and a QAT model trained with
+``QATConfig(target="onnxruntime")``. Every model is exported to ONNX and run by ONNX Runtime;
+one table prints accuracy, latency at batch 1 and model size.
 """
 
 from __future__ import annotations
@@ -142,8 +144,8 @@ def _ptq(path, weight_bits, method, fp32_scope, fp32_state, train) -> None:
         export_onnx(program, [image], [logits], path, scope=scope)
 
 
-def _qat(out, weight_bits, init_method, epochs, batch, seed, fp32_scope, fp32_state, train,
-         checkpoints) -> Path:
+def _qat(path, config, init_method, epochs, batch, seed, fp32_scope, fp32_state, train,
+         checkpoints, paddle_prefix=None) -> Path:
     """Fine-tune with fleet ``strategy.qat = True`` from the FP32 weights and PTQ scales."""
     import paddle
     from paddle.distributed import fleet
@@ -151,14 +153,14 @@ def _qat(out, weight_bits, init_method, epochs, batch, seed, fp32_scope, fp32_st
     from .checkpoint import save_checkpoint
     from .config import resolve_config
     from .export import export_inference_model, export_onnx
+    from .fleet_patch import configure
     from .ptq import calibrate
 
     place = paddle.CPUPlace()
     scope = paddle.static.Scope()
     main, startup, eval_prog, (image, _, logits, loss) = _build(seed)
     strategy = fleet.DistributedStrategy()
-    strategy.qat = True
-    strategy.qat_configs = {"weight_bits": weight_bits}
+    configure(strategy, config)  # strategy.qat = True, with the deployment target
     scheduler = _cosine(QAT_LR, epochs, train, batch)
     with paddle.static.scope_guard(scope):
         with paddle.static.program_guard(main, startup):
@@ -172,15 +174,13 @@ def _qat(out, weight_bits, init_method, epochs, batch, seed, fp32_scope, fp32_st
         calibrate(eval_prog, _calibration_batches(train), CalibrationConfig(method=init_method),
                   scope=scope, train_program=main)
         meta = {"model": SPEC.to_dict(), "qat_config": resolve_config(strategy).to_dict()}
-        _epochs(exe, main, loss, train, epochs, batch, seed + 1, f"qat w{weight_bits}",
+        _epochs(exe, main, loss, train, epochs, batch, seed + 1, f"qat {path.stem}",
                 on_epoch=lambda epoch: save_checkpoint(checkpoints, main, epoch=epoch,
                                                        scope=scope, meta=meta),
                 scheduler=scheduler)
-        path = out / f"qat_w{weight_bits}.onnx"
         export_onnx(eval_prog, [image], [logits], path, scope=scope)
-        if weight_bits == 8:
-            export_inference_model(out / "inference" / "qat", [image], [logits], exe,
-                                   eval_prog)
+        if paddle_prefix is not None:
+            export_inference_model(paddle_prefix, [image], [logits], exe, eval_prog)
     return path
 
 
@@ -191,7 +191,9 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
     import paddle
     from paddle.distributed import fleet
 
+    from .config import QATConfig
     from .export import export_float_onnx
+    from .export.ort_ptq import ort_ptq
 
     paddle.enable_static()
     out.mkdir(parents=True, exist_ok=True)
@@ -216,15 +218,25 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
 
     # 2. PTQ with each calibrator, then QAT started from PTQ's scales, per weight width
     fleet.init(is_collective=True)
+    qat = dict(init_method=qat_init, epochs=qat_epochs, batch=batch, seed=seed,
+               fp32_scope=fp32_scope, fp32_state=fp32_state, train=train)
     for bits in (8, *low_bits):
         for method in METHODS:
             path = out / f"ptq_w{bits}_{method}.onnx"
             _ptq(path, bits, method, fp32_scope, fp32_state, train)
             rows.append(_evaluate_onnx(f"PTQ w{bits}a8 {method}", path, test))
-        checkpoints = out / ("checkpoints" if bits == 8 else f"checkpoints_w{bits}")
-        path = _qat(out, bits, qat_init, qat_epochs, batch, seed, fp32_scope, fp32_state,
-                    train, checkpoints)
+        path = _qat(out / f"qat_w{bits}.onnx", QATConfig(weight_bits=bits), **qat,
+                    checkpoints=out / ("checkpoints" if bits == 8 else f"checkpoints_w{bits}"),
+                    paddle_prefix=out / "inference" / "qat" if bits == 8 else None)
         rows.append(_evaluate_onnx(f"QAT w{bits}a8", path, test))
+
+    # 3. For ONNX Runtime on this CPU: its own PTQ recipe, and QAT with target="onnxruntime"
+    images = np.concatenate([b["image"] for b in _calibration_batches(train)])
+    path = ort_ptq(out / "fp32.onnx", out / "ptq_w8_ort_cpu.onnx", images, target="onnxruntime")
+    rows.append(_evaluate_onnx("PTQ w8a8 ORT, CPU", path, test))
+    path = _qat(out / "qat_w8_onnxruntime.onnx", QATConfig(target="onnxruntime"), **qat,
+                checkpoints=out / "checkpoints_onnxruntime")
+    rows.append(_evaluate_onnx("QAT w8a8, CPU target", path, test))
     print(format_table(rows))
     return rows
 

@@ -6,6 +6,7 @@ import sys
 import onnx
 
 from paddle_qat.export.checker import check_model
+from paddle_qat.export.onnxruntime_check import float_ops
 
 
 def test_short_demo_trains_exports_and_evaluates(demo_run):
@@ -15,7 +16,7 @@ def test_short_demo_trains_exports_and_evaluates(demo_run):
     expected = ["FP32"]
     for bits in (8, 4, 3):
         expected += [f"PTQ w{bits}a8 {m}" for m in methods] + [f"QAT w{bits}a8"]
-    assert list(by_name) == expected
+    assert list(by_name) == expected + ["PTQ w8a8 ORT, CPU", "QAT w8a8, CPU target"]
     # 10 classes, chance is 0.1. CPU kernels are not bitwise deterministic, so runs differ.
     # Five seeds of this shortened run: FP32 0.93-0.97; QAT minus the best PTQ -0.014 to
     # +0.005 at w8 (PTQ is lossless at 8 bits; the full demo ties or wins), +0.036 to +0.19 at
@@ -33,6 +34,12 @@ def test_short_demo_trains_exports_and_evaluates(demo_run):
         assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert not any(n.op_type == "QuantizeLinear"
                    for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node)
+    # the CPU rows: ONNX Runtime runs every quantized op of both in INT8
+    for name in ("qat_w8_onnxruntime.onnx", "ptq_w8_ort_cpu.onnx"):
+        assert float_ops(str(tmp_path / name)) == []
+    assert by_name["QAT w8a8, CPU target"].accuracy >= by_name["PTQ w8a8 ORT, CPU"].accuracy \
+        - 0.02, printed
+    assert by_name["QAT w8a8, CPU target"].accuracy > by_name["FP32"].accuracy - 0.03, printed
     assert "latency bs1 (ms)" in printed
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "epoch_0001", "epoch_0002", "latest"]

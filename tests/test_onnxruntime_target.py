@@ -106,6 +106,8 @@ def test_export_runs_every_quantized_op_int8_in_onnxruntime_and_matches_paddle(
     zero_points = {numpy_helper.to_array(t).dtype for t in model.graph.initializer
                    if t.name.endswith("zero_point")}
     assert np.dtype(np.uint8) in zero_points and np.dtype(np.int32) in zero_points
+    read = {name for node in model.graph.node for name in node.input}
+    assert {t.name for t in model.graph.initializer} <= read  # no folded leftovers
 
     optimized = collections.Counter(n.op_type for n in optimized_model(model).graph.node)
     assert optimized["QLinearConv"] == 2 and optimized["QLinearAdd"] == 1

@@ -12,9 +12,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from paddle_qat.checkpoint import read_values
+from paddle_qat.checkpoint import read_meta, read_values
 from paddle_qat.data import ImageSpec, eval_batches, image_folder, write_digits_folder
 from paddle_qat.export.checker import check_model
+from paddle_qat.export.onnxruntime_check import float_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model-arch-name", "residual_cnn", "--image-shape", "3,16,16", "--batch-size", "32",
@@ -79,6 +80,17 @@ def test_fp32_baseline_then_qat_fine_tuning_through_the_scripts(digits, tmp_path
         correct += int((logits.argmax(1) == batch["label"][:, 0]).sum())
         total += len(batch["label"])
     assert abs(correct / total - qat_epochs[2]["top1"]) <= 2 / total
+
+    # the same fine-tuning for ONNX Runtime's CPU: every quantized op gets an INT8 kernel
+    cpu = train(tmp_path, "output", "--image-root", str(digits), *SMALL, "--epochs", "1",
+                "--lr", "0.005", "--qat-target", "onnxruntime", "--output-dir", "output_cpu",
+                "--inference-dir", "inference_cpu",
+                script="scripts/training/train_resnet50_AMP_QAT_10E.sh")
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    exported = tmp_path / "inference_cpu" / "resnet_50_paddle.onnx"
+    assert float_ops(str(exported)) == []
+    assert read_meta(tmp_path / "output_cpu" / "epoch_0001")["qat_config"]["target"] == \
+        "onnxruntime"
 
 
 @pytest.mark.slow

@@ -319,5 +319,15 @@ def prepare_for_onnxruntime(model):
     quantize_through_commuting_ops(model)
     merge_quantizers(model)
     remove_relu_before_unsigned(model)
+    _drop_unread_initializers(model)
     sort_nodes(model.graph)
     return model
+
+
+def _drop_unread_initializers(model) -> None:
+    """Folded norms' parameters and float biases now in int32 are read by no node."""
+    read = {name for node in model.graph.node for name in node.input}
+    read |= {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
