@@ -59,3 +59,29 @@ def train_qat(steps: int = 5, optimizer=None):
             exe.run(main, feed=feed)
     return dict(scope=scope, main=main, startup=startup, test=test, image=image,
                 logits=logits, loss=loss, exe=exe)
+
+
+def random_resnet50(config, scope, image: int = 32):
+    """ResNet50 v1.5's quantized eval program with random weights and BN statistics, its
+    activation scales calibrated on random images: (program, image, logits)."""
+    import paddle
+
+    from paddle_qat.checkpoint import is_quant_state
+    from paddle_qat.export.saved import build_eval_program
+    from paddle_qat.ptq import calibrate
+
+    rng = np.random.default_rng(0)
+    with paddle.static.scope_guard(scope):
+        program, image_var, logits = build_eval_program(
+            ModelSpec("resnet50", 3, image, 10), config, scope)
+        for var in program.list_vars():
+            if var.persistable and var.name not in ("feed", "fetch") and \
+                    not is_quant_state(var.name):
+                value = rng.normal(0, 0.05, size=var.shape).astype("float32")
+                if var.name.endswith("w_2"):  # BatchNorm variance
+                    value = np.abs(value) + 0.5
+                scope.var(var.name).get_tensor().set(value, paddle.CPUPlace())
+        images = rng.normal(size=(8, 3, image, image)).astype("float32")
+        calibrate(program, [{"image": images, "label": np.zeros((8, 1), "int64")}],
+                  scope=scope)
+    return program, image_var, logits

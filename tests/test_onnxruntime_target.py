@@ -267,26 +267,9 @@ def test_onnxruntime_ptq_cpu_settings_fold_norms_and_quantize_every_conv(ort_tra
 
 @pytest.mark.slow
 def test_resnet50_onnxruntime_target_gets_an_int8_kernel_for_every_conv_and_add(tmp_path):
-    from paddle_qat.checkpoint import is_quant_state
-    from paddle_qat.export.saved import build_eval_program
-    from paddle_qat.models import ModelSpec
-    from paddle_qat.ptq import calibrate
-
     scope = paddle.static.Scope()
-    rng = np.random.default_rng(0)
+    program, image, logits = nets.random_resnet50(ORT_TARGET, scope)
     with paddle.static.scope_guard(scope):
-        program, image, logits = build_eval_program(ModelSpec("resnet50", 3, 32, 10),
-                                                    ORT_TARGET, scope)
-        for var in program.list_vars():
-            if var.persistable and var.name not in ("feed", "fetch") and \
-                    not is_quant_state(var.name):
-                value = rng.normal(0, 0.05, size=var.shape).astype("float32")
-                if var.name.endswith("w_2"):  # BatchNorm variance
-                    value = np.abs(value) + 0.5
-                scope.var(var.name).get_tensor().set(value, paddle.CPUPlace())
-        images = rng.normal(size=(8, 3, 32, 32)).astype("float32")
-        calibrate(program, [{"image": images, "label": np.zeros((8, 1), "int64")}],
-                  scope=scope)  # real scales, from the float activations
         export_onnx(program, [image], [logits], tmp_path / "rn50.onnx", scope=scope)
     optimized = collections.Counter(
         n.op_type for n in optimized_model(str(tmp_path / "rn50.onnx")).graph.node)

@@ -102,22 +102,10 @@ def test_resnet50_v15_exports_with_every_conv_int8_and_no_rule_broken(tmp_path):
     import onnx
 
     from paddle_qat.export.checker import check_model
-    from paddle_qat.export.saved import build_eval_program
-    from paddle_qat.models import ModelSpec
 
     scope = paddle.static.Scope()
-    rng = np.random.default_rng(0)
+    program, image, logits = nets.random_resnet50(QATConfig(), scope)
     with paddle.static.scope_guard(scope):
-        program, image, logits = build_eval_program(ModelSpec("resnet50", 3, 32, 10),
-                                                    QATConfig(), scope)
-        for var in program.list_vars():
-            tensor = scope.var(var.name).get_tensor()
-            if var.persistable and var.name not in ("feed", "fetch") and \
-                    not tensor._is_initialized():
-                value = rng.normal(0, 0.05, size=var.shape).astype("float32")
-                if var.name.endswith("w_2"):  # BatchNorm variance
-                    value = np.abs(value) + 0.5
-                tensor.set(value, paddle.CPUPlace())
         result = export_onnx(program, [image], [logits], tmp_path / "rn50.onnx", scope=scope)
     model = onnx.load(str(tmp_path / "rn50.onnx"))
     assert check_model(model) == []
