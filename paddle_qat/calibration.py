@@ -168,19 +168,23 @@ class ActivationCalibrator:
                                      f"the float model is broken on this data")
             self._histograms.setdefault(name, AbsHistogram(self.config.bins)).add(value)
 
-    def thresholds(self) -> dict[str, float]:
+    def thresholds(self, unsigned=frozenset()) -> dict[str, float]:
+        """One threshold per tensor. Tensors named in ``unsigned`` are quantized to
+        ``[0, 2**bits - 1]`` (``QATConfig(target="onnxruntime")`` after a ReLU): twice the
+        levels over the same |x| histogram, which ``mse`` and ``entropy`` search with."""
         if not self._histograms:
             raise QATConfigError("no calibration data was collected: pass at least one batch")
         config = self.config
         found = {}
         for name, hist in self._histograms.items():
+            bits = config.bits + 1 if name in unsigned else config.bits
             if hist.top == 0 or config.method == "max":
                 found[name] = hist.top
             elif config.method == "percentile":
                 found[name] = percentile_threshold(hist, config.percentile)
             elif config.method == "mse":
-                found[name] = mse_threshold(hist, config.bits)
+                found[name] = mse_threshold(hist, bits)
             else:
-                found[name] = entropy_threshold(hist, config.bits)
+                found[name] = entropy_threshold(hist, bits)
         # An all-zero tensor has no range; keep a tiny positive scale, as export requires.
         return {name: max(value, 1e-8) for name, value in found.items()}

@@ -86,7 +86,8 @@ def calibrate(program, batches: Iterable[dict], config: CalibrationConfig | None
         for feed in batches:
             values = exe.run(float_program, feed=feed, fetch_list=tensors)
             calibrator.collect(dict(zip(tensors, values)))
-    thresholds = calibrator.thresholds()
+    thresholds = calibrator.thresholds(
+        unsigned={op.input("X")[0] for op in activations if op.attr("qmin") == 0})
     for op in activations:
         _set(scope, op.input("Scale")[0], [thresholds[op.input("X")[0]]], place)
     if train_program is not None:

@@ -98,3 +98,20 @@ def test_entropy_keeps_a_tensor_with_no_values_near_zero():
     x = (0.58 + rng.gamma(3.0, 0.6, size=(256, 16))).astype("float32")
     threshold = _thresholds("entropy", [{"a": x}])["a"]
     assert np.percentile(x, 99) <= threshold <= x.max() + 1e-6
+
+
+def test_unsigned_tensors_are_searched_on_the_unsigned_grid():
+    """A ReLU output quantized to [0, 15] (4 bits, unsigned) has twice the levels of a signed
+    4-bit tensor: mse picks its threshold for that grid, which beats the signed choice there."""
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.laplace(size=400_000), 0).astype("float32")
+    x[:20] = 60.0
+    calibrator = ActivationCalibrator(CalibrationConfig(method="mse", bits=4))
+    calibrator.collect({"a": x})
+    signed, unsigned = calibrator.thresholds()["a"], calibrator.thresholds(unsigned={"a"})["a"]
+
+    def unsigned_mse(threshold):
+        step = threshold / 15
+        return float(np.mean((x - np.clip(np.round(x / step), 0, 15) * step) ** 2))
+    assert unsigned > signed
+    assert unsigned_mse(unsigned) < 0.9 * unsigned_mse(signed)
