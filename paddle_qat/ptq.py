@@ -88,16 +88,28 @@ def calibrate(program, batches: Iterable[dict], config: CalibrationConfig | None
             calibrator.collect(dict(zip(tensors, values)))
     thresholds = calibrator.thresholds(
         unsigned={op.input("X")[0] for op in activations if op.attr("qmin") == 0})
-    for op in activations:
-        _set(scope, op.input("Scale")[0], [thresholds[op.input("X")[0]]], place)
+    by_scale = _shared_thresholds(activations, thresholds)
+    for scale, threshold in by_scale.items():
+        _set(scope, scale, [threshold], place)
     if train_program is not None:
-        _start_moving_averages(train_program, scope, place, thresholds)
+        _start_moving_averages(train_program, scope, place, by_scale)
     return thresholds
 
 
-def _start_moving_averages(train_program, scope, place, thresholds) -> None:
+def _shared_thresholds(activations, thresholds) -> dict[str, float]:
+    """One threshold per scale variable: the largest of the tensors that share it (a Concat's
+    inputs and output, a pool's input and output; see placement.share_scales), so none of
+    them is clipped by another's smaller range."""
+    by_scale: dict[str, float] = {}
+    for op in activations:
+        scale = op.input("Scale")[0]
+        by_scale[scale] = max(by_scale.get(scale, 0.0), thresholds[op.input("X")[0]])
+    return by_scale
+
+
+def _start_moving_averages(train_program, scope, place, by_scale) -> None:
     for op in _quantizers(train_program)[1]:
-        threshold = thresholds.get(op.input("X")[0])
+        threshold = by_scale.get(op.input("Scale")[0])
         if threshold is None or "InState" not in op.input_names or not op.input("InState"):
             continue
         _set(scope, op.input("Scale")[0], [threshold], place)

@@ -102,3 +102,35 @@ def test_qat_starts_its_moving_averages_from_the_calibrated_scales():
 def test_calibrating_a_float_program_is_refused(fp32_model):
     with pytest.raises(paddle_qat.QATError, match="quantize it with"):
         calibrate(fp32_model["float_test"], _calibration(), scope=fp32_model["scope"])
+
+
+def test_a_shared_scale_covers_the_widest_of_its_tensors(fp32_model):
+    """With target="onnxruntime" the block output, the max pool's output and the flattened
+    average share one scale. Each tensor calibrates its own range; the shared scale must take
+    the widest (the max pool input), not whichever was written last (the narrow average,
+    which clipped the max pool: logit cosine 0.95 in `sensitivity` before the fix)."""
+    from paddle_qat.placement import activation_quantizers
+
+    scope = paddle.static.Scope()
+    program = fp32_model["float_test"].clone(for_test=True)
+    for var in program.list_vars():
+        if var.persistable and var.name not in ("feed", "fetch"):
+            scope.var(var.name).get_tensor().set(
+                np.array(fp32_model["scope"].find_var(var.name).get_tensor()), paddle.CPUPlace())
+    paddle_qat.quantize_program(program, paddle_qat.QATConfig(target="onnxruntime"),
+                                scope=scope, for_test=True)
+    thresholds = calibrate(program, _calibration(), CalibrationConfig(method="max"),
+                           scope=scope)
+    groups = {}
+    for q in activation_quantizers(program.global_block()):
+        groups.setdefault(q.input("Scale")[0], []).append(q.input("X")[0])
+    (shared, members), = [(s, m) for s, m in groups.items() if len(m) == 3]
+    widest = max(thresholds[m] for m in members)
+    assert min(thresholds[m] for m in members) < 0.8 * widest  # the ranges really differ
+    assert float(np.array(scope.find_var(shared).get_tensor())[0]) == pytest.approx(widest)
+    feed = next(separable_batches(1, batch=256, seed=11))
+    with paddle.static.scope_guard(scope):
+        got = fp32_model["exe"].run(program, feed=feed, fetch_list=[fp32_model["logits"].name])[0]
+    expected = _logits(fp32_model, fp32_model["float_test"], feed)
+    cosine = (got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected)
+    assert cosine > 0.99
