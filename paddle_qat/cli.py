@@ -64,10 +64,11 @@ def _compare(args) -> None:
             images = _load_array(args.calibration, "calibration") if args.calibration else \
                 np.random.default_rng(0).normal(size=(64, *_input_shape(args.float))).astype(
                     "float32")
-            target = args.keep_ort_ptq or Path(tmp) / "ort_ptq.onnx"
-            models[f"ORT PTQ ({args.ort_method})"] = ort_ptq(args.float, target, images,
-                                                             method=args.ort_method)
-        print(format_comparison(compare_models(models)))
+            path = args.keep_ort_ptq or Path(tmp) / "ort_ptq.onnx"
+            models[f"ORT PTQ ({args.ort_method})"] = ort_ptq(args.float, path, images,
+                                                             method=args.ort_method,
+                                                             target=args.target)
+        print(format_comparison(compare_models(models, args.target)))
     print("On a GPU, compare the engines TensorRT builds from these files: trtexec "
           "--onnx=F.onnx --stronglyTyped --exportLayerInfo=F.json --profilingVerbosity=detailed")
 
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--ort-method", default="MinMax",
                          choices=ORT_METHODS)
     compare.add_argument("--keep-ort-ptq", type=Path, help="write ONNX Runtime's PTQ model here")
+    compare.add_argument("--target", choices=TARGETS, default="tensorrt",
+                         help="deployment target: whose problems to count, and the settings of "
+                              "ONNX Runtime's PTQ (default tensorrt)")
     compare.set_defaults(run=_compare)
 
     sensitivity = commands.add_parser(

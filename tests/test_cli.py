@@ -177,6 +177,26 @@ def test_compare_puts_qat_beside_our_ptq_and_onnx_runtimes_ptq(demo_run):
     assert "<--" in result.stdout
 
 
+def test_compare_for_onnx_runtime_counts_the_ops_it_would_run_in_float(demo_run):
+    out, _, _ = demo_run
+    result = run("compare", str(out / "qat_w8_onnxruntime.onnx"), "--ptq",
+                 str(out / "qat_w8.onnx"), "--float", str(out / "fp32.onnx"), "--calibration",
+                 str(out / "test_images.npy"), "--target", "onnxruntime")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if ": " in line}
+    assert "0 quantized op(s) ONNX Runtime runs in float" in lines["QAT"]
+    assert "0 quantized op(s)" in lines["ORT PTQ (MinMax)"]  # its CPU settings
+    assert "0 quantized op(s)" not in lines["PTQ 1"]  # the TensorRT placement's convs
+
+
+def test_check_for_onnx_runtime(demo_run):
+    out, _, _ = demo_run
+    good = run("check", "--target", "onnxruntime", str(out / "qat_w8_onnxruntime.onnx"))
+    assert good.returncode == 0 and "0 op(s) ONNX Runtime runs in float" in good.stdout
+    bad = run("check", "--target", "onnxruntime", str(out / "qat_w8.onnx"))
+    assert bad.returncode == 1 and "runs in float" in bad.stdout
+
+
 def test_sensitivity_ranks_layers_and_checks_paddle_against_onnx(demo_run):
     out, _, _ = demo_run
     result = run("sensitivity", "--checkpoint", str(out / "checkpoints"), "--images",

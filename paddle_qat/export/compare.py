@@ -3,8 +3,9 @@
 For every compute node (matched across models by its output tensor, which paddle2onnx and
 ONNX Runtime's quantizer both keep) it says in which precision each model runs it (int8:
 every data input comes through a DequantizeLinear; mixed; float) and the scale of its first
-data input, flags the nodes where the models differ, and counts Q/DQ nodes and TensorRT rule
-violations per model.
+data input, flags the nodes where the models differ, and counts Q/DQ nodes per model and the
+problems of the deployment target: TensorRT rule violations, or (``target="onnxruntime"``)
+the quantized ops ONNX Runtime would still run in float.
 
 Example::
 
@@ -37,8 +38,10 @@ class ModelSummary:
     path: Path
     quantize: int = 0
     dequantize: int = 0
-    violations: list = field(default_factory=list)
+    violations: list = field(default_factory=list)  # TensorRT rules broken
+    float_ops: list = field(default_factory=list)  # quantized ops ONNX Runtime runs in float
     nodes: dict[str, NodePrecision] = field(default_factory=dict)
+    target: str = "tensorrt"
 
 
 def _constants(graph) -> dict[str, np.ndarray]:
@@ -52,11 +55,12 @@ def _constants(graph) -> dict[str, np.ndarray]:
     return values
 
 
-def summarize(path) -> ModelSummary:
-    """Precision of every compute node of one ONNX model, and its rule violations."""
+def summarize(path, target: str = "tensorrt") -> ModelSummary:
+    """Precision of every compute node of one ONNX model, and its problems for ``target``."""
     import onnx
 
     from .checker import check_model
+    from .onnxruntime_check import float_ops
 
     path = Path(path)
     if not path.is_file():
@@ -68,7 +72,11 @@ def summarize(path) -> ModelSummary:
     graph = model.graph
     constants = _constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    summary = ModelSummary(path, violations=check_model(model))
+    summary = ModelSummary(path, target=target)
+    if target == "onnxruntime":
+        summary.float_ops = float_ops(model)
+    else:
+        summary.violations = check_model(model)
     for node in graph.node:
         summary.quantize += node.op_type == "QuantizeLinear"
         summary.dequantize += node.op_type == "DequantizeLinear"
@@ -87,9 +95,10 @@ def summarize(path) -> ModelSummary:
     return summary
 
 
-def compare_models(models: dict[str, str | Path]) -> dict[str, ModelSummary]:
+def compare_models(models: dict[str, str | Path], target: str = "tensorrt"
+                   ) -> dict[str, ModelSummary]:
     """``{name: ModelSummary}`` in the order given."""
-    return {name: summarize(path) for name, path in models.items()}
+    return {name: summarize(path, target) for name, path in models.items()}
 
 
 def format_comparison(report: dict[str, ModelSummary]) -> str:
@@ -118,9 +127,13 @@ def format_comparison(report: dict[str, ModelSummary]) -> str:
     lines.append("")
     for name, summary in report.items():
         int8 = sum(n.precision == "int8" for n in summary.nodes.values())
+        head = f"{name}: {summary.quantize} Q / {summary.dequantize} DQ, {int8} int8 compute nodes"
+        if summary.target == "onnxruntime":
+            lines.append(f"{head}, {len(summary.float_ops)} quantized op(s) ONNX Runtime runs "
+                         f"in float")
+            continue
         rules = sorted({v.rule for v in summary.violations})
-        lines.append(f"{name}: {summary.quantize} Q / {summary.dequantize} DQ, {int8} int8 "
-                     f"compute nodes, {len(summary.violations)} TensorRT rule violation(s)"
+        lines.append(f"{head}, {len(summary.violations)} TensorRT rule violation(s)"
                      + (f" (rules {', '.join(map(str, rules))})" if rules else ""))
     lines.append(f"{differing} node(s) run in a different precision across the models")
     return "\n".join(lines)
