@@ -325,9 +325,13 @@ def prepare_for_onnxruntime(model):
 
 
 def _drop_unread_initializers(model) -> None:
-    """Folded norms' parameters and float biases now in int32 are read by no node."""
+    """Folded norms' parameters and float biases now in int32 are read by no node (as
+    initializers or, from paddle2onnx, Constant nodes)."""
     read = {name for node in model.graph.node for name in node.input}
     read |= {o.name for o in model.graph.output}
     kept = [t for t in model.graph.initializer if t.name in read]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
+    unread = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] not in read]
+    for node in unread:
+        model.graph.node.remove(node)

@@ -58,8 +58,13 @@ def ort_ptq(float_onnx, out_path, images: np.ndarray, *, method: str = "MinMax",
         def get_next(self):
             return next(self.batches, None)
 
+    import onnxruntime
+
     cpu = target == "onnxruntime"
     out_path = Path(out_path)
+    # quant_pre_process and calibration sessions warn about every initializer BN folding
+    # left behind (16 lines on the demo); the written model has none.
+    onnxruntime.set_default_logger_severity(3)
     with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory() as work:
         source = str(float_onnx)
         if cpu:
@@ -74,4 +79,5 @@ def ort_ptq(float_onnx, out_path, images: np.ndarray, *, method: str = "MinMax",
                         calibrate_method=getattr(CalibrationMethod, method),
                         extra_options={"ActivationSymmetric": not cpu,
                                        "WeightSymmetric": True})
+    onnxruntime.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
     return out_path
