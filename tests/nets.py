@@ -39,20 +39,21 @@ def separable_batches(steps: int, batch: int = 16, seed: int = 0, image: int = I
         yield {"image": images, "label": labels.astype("int64")}
 
 
-def train_qat(steps: int = 5, optimizer=None):
-    """The residual CNN quantized with ``quantize_program`` and trained ``steps`` steps in a
-    scope of its own: a dict of scope, main, startup, test, image, logits, loss, exe."""
+def train_qat(steps: int = 5, optimizer=None, config=None, net=residual_cnn):
+    """``net`` quantized with ``quantize_program`` (``config``, default QATConfig()) and
+    trained ``steps`` steps in a scope of its own, under fresh unique names: a dict of scope,
+    main, startup, test, image, logits, loss, exe."""
     import paddle
 
     import paddle_qat
 
     scope = paddle.static.Scope()
-    with paddle.static.scope_guard(scope):
-        main, startup, test, (image, _, logits, loss) = build()
+    with paddle.static.scope_guard(scope), paddle.utils.unique_name.guard():
+        main, startup, test, (image, _, logits, loss) = build(net)
         with paddle.static.program_guard(main, startup):
             (optimizer or paddle.optimizer.Momentum(0.05, momentum=0.9)).minimize(loss)
-        paddle_qat.quantize_program(main, startup_program=startup)
-        paddle_qat.quantize_program(test, for_test=True)
+        paddle_qat.quantize_program(main, config, startup_program=startup)
+        paddle_qat.quantize_program(test, config, for_test=True)
         exe = paddle.static.Executor(paddle.CPUPlace())
         exe.run(startup)
         for feed in separable_batches(steps):

@@ -32,18 +32,7 @@ ORT_TARGET = QATConfig(target="onnxruntime")
 
 
 def _train(config, steps=30):
-    scope = paddle.static.Scope()
-    with paddle.static.scope_guard(scope), paddle.utils.unique_name.guard():
-        main, startup, test, (image, _, logits, loss) = nets.build()
-        with paddle.static.program_guard(main, startup):
-            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
-        paddle_qat.quantize_program(main, config, startup_program=startup)
-        paddle_qat.quantize_program(test, config, for_test=True)
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
-        for feed in nets.separable_batches(steps):
-            exe.run(main, feed=feed)
-    return dict(scope=scope, test=test, image=image, logits=logits, exe=exe)
+    return nets.train_qat(steps, config=config)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import pytest
 from paddle import static
 
 import nets
-import paddle_qat
 from paddle_qat import QATConfig, QATError
 from paddle_qat.export import export_onnx
 from program_tools import producers
@@ -30,18 +29,7 @@ def inception_net():
 
 
 def _train(config, steps=20):
-    scope = paddle.static.Scope()
-    with paddle.static.scope_guard(scope), paddle.utils.unique_name.guard():
-        main, startup, test, (image, _, logits, loss) = nets.build(inception_net)
-        with static.program_guard(main, startup):
-            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
-        paddle_qat.quantize_program(main, config, startup_program=startup)
-        paddle_qat.quantize_program(test, config, for_test=True)
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
-        for feed in nets.separable_batches(steps):
-            exe.run(main, feed=feed)
-    return dict(scope=scope, main=main, test=test, image=image, logits=logits, exe=exe)
+    return nets.train_qat(steps, config=config, net=inception_net)
 
 
 def _quantizer_of(program, tensor):
