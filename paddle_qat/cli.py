@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
     export.add_argument("--paddle-model", metavar="PREFIX",
                         help="with --checkpoint: also write a Paddle inference model here")
-    export.add_argument("--opset", type=int, default=13, help="ONNX opset, >= 13 (default 13)")
+    export.add_argument("--opset", type=int, default=13,
+                        help="lowest ONNX opset, >= 13 (default 13); raised where an op needs "
+                             "more, e.g. 14 for HardSwish")
     export.add_argument("--target", choices=TARGETS, default=None,
                         help="runtime to write and check the Q/DQ for (default: the one the "
                              "model was trained for, QATConfig.target)")

@@ -44,8 +44,12 @@ ACTIVATION_ALGOS: tuple[str, ...] = ("moving_average_abs_max",)
 # Where the INT8 model will run; it decides the Q/DQ placement trained (see QATConfig.target).
 TARGETS: tuple[str, ...] = ("tensorrt", "onnxruntime")
 # ONNX Runtime's CPU kernels run an op in INT8 only between a DequantizeLinear on every input
-# and a QuantizeLinear on its output, so its target also quantizes these ops' inputs.
-ONNXRUNTIME_ACTIVATION_OP_TYPES: tuple[str, ...] = ("elementwise_add", "pool2d")
+# and a QuantizeLinear on its output, so its target also quantizes these ops' inputs: then
+# the conv before them ends in a quantizer, and each has an INT8 kernel of its own (QLinear*),
+# except hard_swish, which ONNX Runtime computes in float between the quantizers.
+ONNXRUNTIME_ACTIVATION_OP_TYPES: tuple[str, ...] = (
+    "elementwise_add", "pool2d", "concat", "elementwise_mul", "sigmoid", "leaky_relu",
+    "hard_swish")
 
 # quantize_linear's kernel hard-codes its moving-average decay (the pass's attribute is
 # dropped because the op does not declare it); measured on Paddle 3.3.1.
@@ -100,9 +104,11 @@ class QATConfig:
             ``"tensorrt"`` (default): signed INT8 everywhere, Q/DQ on conv/matmul inputs and
             the identity branch of residual adds, as TensorRT fuses them.
             ``"onnxruntime"``: for ONNX Runtime's CPU INT8 kernels. Every input of residual
-            adds and pooling is quantized too, and tensors that cannot be negative (after
-            ReLU) use the unsigned range [0, 255], so the exported ``Relu -> QuantizeLinear``
-            folds and every conv becomes a ``QLinearConv``. Export it with the same target.
+            adds, pooling, concat, elementwise multiplies and non-ReLU activations (sigmoid,
+            leaky ReLU, hard swish) is quantized too, and tensors that cannot be negative
+            (after ReLU) use the unsigned range [0, 255], so the exported
+            ``Relu -> QuantizeLinear`` folds and every conv becomes a ``QLinearConv``.
+            Export it with the same target; its check names any op left in float.
     """
 
     weight_bits: int = 8

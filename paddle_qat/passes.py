@@ -30,7 +30,7 @@ from . import amp
 from .config import WEIGHT_OP_AXES, QATConfig
 from .errors import QATError
 from .legacy_ir import require_legacy_program
-from .placement import share_scales, unquantize_bias_adds, use_unsigned_ranges
+from .placement import share_scales, unquantize_parameter_ops, use_unsigned_ranges
 
 QUANT_OP_TYPES = ("quantize_linear", "dequantize_linear")
 _WEIGHT_SLOT = {
@@ -304,7 +304,7 @@ def quantize_program(
     _set_integer_ranges(program)
     _stable_state_names(program, scope, place)
     if config.target == "onnxruntime":
-        unquantize_bias_adds(program)
+        unquantize_parameter_ops(program)
     if config.share_scales:
         share_scales(program)
     if config.unsigned_activations:

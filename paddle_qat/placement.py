@@ -252,11 +252,18 @@ def _quantized_source(name: str, made_by: dict):
     return source, chain
 
 
-def unquantize_bias_adds(program) -> list[str]:
+# Elementwise ops (and their grads) that are not joins of two tensors when one operand is a
+# parameter: a bias add, a per-channel scale, AMP's loss scaling.
+_PARAMETER_OPS = ("elementwise_add", "elementwise_add_grad", "elementwise_mul",
+                  "elementwise_mul_grad")
+
+
+def unquantize_parameter_ops(program) -> list[str]:
     """Remove the Q/DQ that Paddle's activation pass puts on the data input of an
-    ``elementwise_add`` whose other input is a parameter (a bias after ``mul`` or ``conv2d``).
-    Such an add is part of the op before it, not a residual join: quantizing there adds a
-    rounding no runtime needs and keeps ONNX Runtime from fusing the bias. Returns the
+    ``elementwise_add`` / ``elementwise_mul`` whose other input is a parameter (a bias after
+    ``mul`` or ``conv2d``, a scale, AMP's loss scaling). Such an op belongs to the op before it
+    and is no join of two tensors: quantizing there adds a rounding no runtime needs, keeps
+    ONNX Runtime from fusing the bias, and under AMP would quantize the loss. Returns the
     tensors given back their float reads."""
     block = program.global_block()
     made_by = {name: op for op in block.ops for name in op.output_arg_names}
@@ -270,7 +277,7 @@ def unquantize_bias_adds(program) -> list[str]:
 
     restored, chains = [], []
     for op in block.ops:
-        if op.type not in ("elementwise_add", "elementwise_add_grad"):
+        if op.type not in _PARAMETER_OPS:
             continue
         if not any(is_parameter(n) for n in op.input("X") + op.input("Y")):
             continue
@@ -283,7 +290,7 @@ def unquantize_bias_adds(program) -> list[str]:
     removed: set[int] = set()
     for chain in chains:  # consumer side first: each op goes once nothing reads its output
         for op in chain:
-            if id(op) in removed:  # the forward add and its grad op share a chain
+            if id(op) in removed:  # the forward op and its grad op share a chain
                 continue
             read = {n for other in block.ops for n in other.input_arg_names}
             data = [n for n in op.output_arg_names

@@ -279,6 +279,30 @@ def test_quantized_op_without_onnx_mapping_is_named(tmp_path):
                                     for_test=True)
         _calibrate_by_hand(test, scope)
         with pytest.raises(paddle_qat.UnsupportedOpError,
-                           match=r"input 'conv2d_0.tmp_1' of Paddle op 'swish': no ONNX mapping"):
+                           match=r"input 'conv2d_0.tmp_[01]' of Paddle op 'swish': no ONNX "
+                                 r"mapping"):
             export_onnx(test, [image], [logits], tmp_path / "m.onnx", scope=scope)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_op_paddle2onnx_cannot_translate_is_named_not_a_process_abort(tmp_path):
+    """paddle2onnx 1.3.1 aborts the process (SIGABRT) on an unsupported op such as erfinv;
+    the exporter asks paddle2onnx's own op list first."""
+    from paddle.base.layer_helper import LayerHelper
+
+    def net():
+        image, label, logits, _ = nets.residual_cnn()
+        helper = LayerHelper("erfinv")
+        squashed = helper.create_variable_for_type_inference("float32")
+        helper.append_op(type="tanh", inputs={"X": logits}, outputs={"Out": squashed})
+        out = helper.create_variable_for_type_inference("float32")
+        helper.append_op(type="erfinv", inputs={"X": squashed}, outputs={"Out": out})
+        import paddle.nn.functional as F
+        return image, label, out, paddle.mean(F.cross_entropy(logits, label))
+
+    t = nets.train_qat(1, net=net)
+    with paddle.static.scope_guard(t["scope"]), \
+            pytest.raises(paddle_qat.UnsupportedOpError, match=r"\['erfinv'\].*Paddle Inference"):
+        export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                    scope=t["scope"])
+    assert not (tmp_path / "m.onnx").exists()

@@ -114,6 +114,76 @@ def test_export_runs_every_quantized_op_int8_in_onnxruntime_and_matches_paddle(
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
 
 
+def _legacy_op(op_type, inputs, **attrs):
+    """One legacy-IR op (paddle.nn.functional's sigmoid / multiply only build PIR in 3.3.1)."""
+    from paddle.base.layer_helper import LayerHelper
+
+    helper = LayerHelper(op_type)
+    out = helper.create_variable_for_type_inference("float32")
+    helper.append_op(type=op_type, inputs=inputs, outputs={"Out": out}, attrs=attrs)
+    return out
+
+
+def mobile_net():
+    """conv/bn/hard swish -> conv(+bias)/leaky ReLU -> squeeze-excite gate (sigmoid, mul) ->
+    pool -> fc: the activations of MobileNetV3-style models, biased convs included."""
+    import paddle.nn.functional as F
+    from paddle import static
+
+    x = static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
+    y = static.data("label", [None, 1], "int64")
+    a = F.hardswish(static.nn.batch_norm(static.nn.conv2d(x, 8, 3, padding=1, bias_attr=False)))
+    b = F.leaky_relu(static.nn.conv2d(a, 8, 3, padding=1), 0.1)
+    gate = _legacy_op("sigmoid", {"X": static.nn.conv2d(F.adaptive_avg_pool2d(b, 1), 8, 1)})
+    c = _legacy_op("elementwise_mul", {"X": b, "Y": gate}, axis=-1)
+    logits = static.nn.fc(paddle.flatten(F.adaptive_avg_pool2d(c, 1), 1), nets.CLASSES)
+    return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_mobile_style_activations_export_for_both_targets(target, tmp_path):
+    """Hard swish needs opset 14 (paddle2onnx used to abort the process at 13); paddle2onnx
+    folds a conv's bias add into the Conv, so the quantized tensor changes name; for ONNX
+    Runtime every conv, the gate and the fc get INT8 kernels."""
+    t = nets.train_qat(20, config=QATConfig(target=target), net=mobile_net)
+    with paddle.static.scope_guard(t["scope"]):
+        export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                    scope=t["scope"])  # each target's check runs inside
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 14
+    if target == "onnxruntime":
+        optimized = collections.Counter(
+            n.op_type for n in optimized_model(model).graph.node)
+        assert optimized["QLinearConv"] == 3 and "Conv" not in optimized
+        for kernel in ("QLinearLeakyRelu", "QLinearSigmoid", "QLinearMul", "QGemm"):
+            assert optimized[kernel] == 1, kernel
+    feed = next(nets.separable_batches(1, batch=64, seed=3))
+    expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]], scope=t["scope"])[0]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": feed["image"]})[0]
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def two_part_loss_net():
+    """The residual CNN whose loss adds two terms: an add of two tensors outside the model."""
+    import paddle.nn.functional as F
+
+    image, label, logits, loss = nets.residual_cnn()
+    return image, label, logits, paddle.add(loss, paddle.mean(F.relu(logits)))
+
+
+def test_quantizers_on_the_loss_stay_out_of_the_export(tmp_path):
+    t = nets.train_qat(5, config=ORT_TARGET, net=two_part_loss_net)
+    block = t["test"].global_block()
+    loss_add = [op for op in block.ops if op.type == "elementwise_add"][-1]
+    assert all(producers(t["test"])[n].type == "dequantize_linear"
+               for n in loss_add.input_arg_names)  # trained quantized, as any data add
+    with paddle.static.scope_guard(t["scope"]):
+        result = export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx",
+                             scope=t["scope"])
+    assert loss_add.output_arg_names[0] not in {e.consumer_output for e in result.edges}
+
+
 def test_tensorrt_placement_fails_the_onnxruntime_check(tmp_path):
     """Control for the check: the TensorRT placement leaves convs in float on ONNX Runtime."""
     t = _train(QATConfig(), steps=5)

@@ -2,8 +2,9 @@
 
 The check for ``target="onnxruntime"`` exports, as :mod:`~paddle_qat.export.checker` is for
 TensorRT's rules: ONNX Runtime's own optimizer runs on the model (the CPU provider, the
-fusions every session applies) and every compute op left reading a DequantizeLinear output
-is reported. Such an op computes in float between the Q/DQ, which costs more than FP32.
+fusions every session applies) and every compute op left in float although all its data
+inputs are dequantized is reported. Such an op computes in float between the Q/DQ, which
+costs more than FP32.
 
 Example::
 
@@ -43,14 +44,19 @@ def float_ops(model) -> list[str]:
     graph = optimized_model(model).graph
     constants = {t.name for t in graph.initializer} | {
         o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    dequantized = {n.output[0] for n in graph.node  # of data, not of an int8 weight or bias
-                   if n.op_type == "DequantizeLinear" and n.input[0] not in constants}
+    constants |= {n.output[0] for n in graph.node  # an int8 weight or int32 bias
+                  if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    dequantized = {n.output[0] for n in graph.node
+                   if n.op_type == "DequantizeLinear" and n.output[0] not in constants}
     problems = []
     for node in graph.node:
         if node.op_type not in COMPUTE_OPS:
             continue
-        data = [name for name in node.input if name in dequantized]
-        if data:
+        inputs = [name for name in node.input if name and name not in constants]
+        data = [name for name in inputs if name in dequantized]
+        # Every data input dequantized and still float: a missed INT8 kernel. (An op also
+        # fed by a float op, e.g. the Mul of a decomposed HardSwish, follows from that one.)
+        if data and len(data) == len(inputs):
             problems.append(f"{node.op_type} {node.name!r} runs in float on dequantized "
                             f"{data}: no QuantizeLinear on its output for ONNX Runtime to fuse")
     return problems

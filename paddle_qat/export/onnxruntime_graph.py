@@ -3,16 +3,18 @@
 ONNX Runtime replaces ``DequantizeLinear -> op -> QuantizeLinear`` with an INT8 kernel
 (``QLinearConv``, ``QLinearAdd``, ...) and otherwise runs the op in float between the Q/DQ:
 slower than FP32. A Paddle QAT export, even with ``QATConfig(target="onnxruntime")``, keeps
-it from matching in five places, each rewritten here without changing what is computed:
+it from matching in five places, each rewritten here without changing what is computed
+(beyond rounding biases to int32, as every INT8 runtime does):
 
 1. ``Conv -> BatchNormalization``: the norm is folded into the conv. The int8 weight stays as
    trained; its per-channel DequantizeLinear scale is multiplied by ``gamma / sigma`` (a
    negative factor flips the sign of that channel's int8 values instead, or, where a value
    is -128, stays in the scale: ONNX Runtime's QLinearConv computes it exactly) and the
    norm's shift becomes the conv bias.
-2. A float conv bias: ``QLinearConv`` takes an int32 bias in units of input scale x weight
-   scale, so the bias is given as such (rounded to half such a unit). A channel whose bias
-   would overflow int32 (gamma near 0) gets a coarser weight scale, see :func:`_fit_bias`.
+2. A float conv or fully-connected bias: ``QLinearConv`` and ``QGemm`` take an int32 bias in
+   units of input scale x weight scale, so the bias is given as such (rounded to half such a
+   unit). A conv channel whose bias would overflow int32 (gamma near 0) gets a coarser
+   weight scale, see :func:`_fit_bias`.
 3. ``op -> QuantizeLinear`` where ``op`` is MaxPool or a data-movement op (quantization
    commutes with them exactly) and the quantizer is the op's only reader: the same Q/DQ is put
    on the op's input too, so the op before it ends in a quantizer and ONNX Runtime moves the
@@ -203,6 +205,45 @@ def quantize_conv_biases(model) -> int:
     return changed
 
 
+def quantize_matmul_biases(model) -> int:
+    """Give the constant bias added to a Q/DQ MatMul (a fully connected layer) as int32 +
+    DequantizeLinear, scale input scale x weight scale per output column: ONNX Runtime then
+    runs MatMul + Add as one integer ``QGemm`` with float output. A bias beyond int32 at
+    that scale stays float (the check then names the MatMul)."""
+    from onnx import helper
+
+    g = _Graph(model)
+    changed = 0
+    for matmul in [n for n in g.graph.node if n.op_type == "MatMul"]:
+        source, weight_dq = g.dequantizer(matmul.input[0]), g.dequantizer(matmul.input[1])
+        readers = g.consumers[matmul.output[0]]
+        if source is None or weight_dq is None or len(readers) != 1 or \
+                readers[0].op_type != "Add":
+            continue
+        add = readers[0]
+        bias_name = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
+        if not g.is_constant(bias_name):
+            continue
+        bias = g.value(bias_name).astype(np.float64).reshape(-1)
+        weight_scale = g.value(weight_dq.input[1]).astype(np.float64).reshape(-1)
+        scale = (float(g.value(source.input[1]).reshape(-1)[0]) *
+                 np.broadcast_to(weight_scale, bias.shape)).astype(np.float32)
+        values = np.round(bias / scale)
+        if np.any(np.abs(values) > np.iinfo(np.int32).max):
+            continue
+        name = f"{matmul.name}.bias"
+        g.set_initializer(f"{name}.int32", values.astype(np.int32))
+        g.set_initializer(f"{name}.scale", scale)
+        g.set_initializer(f"{name}.zero_point", np.zeros(bias.size, np.int32))
+        node = helper.make_node("DequantizeLinear", [f"{name}.int32", f"{name}.scale",
+                                                     f"{name}.zero_point"],
+                                [f"{name}.dequantized"], name=f"{name}.DequantizeLinear", axis=0)
+        g.graph.node.insert(list(g.graph.node).index(add), node)
+        add.input[list(add.input).index(bias_name)] = f"{name}.dequantized"
+        changed += 1
+    return changed
+
+
 def _same_quantizers(g: _Graph, nodes) -> bool:
     if not nodes or any(n.op_type != "QuantizeLinear" for n in nodes):
         return False
@@ -315,6 +356,7 @@ def prepare_for_onnxruntime(model):
     """All five rewrites; returns ``model`` (changed in place)."""
     fold_batch_norms(model)
     quantize_conv_biases(model)
+    quantize_matmul_biases(model)
     merge_quantizers(model)
     quantize_through_commuting_ops(model)
     merge_quantizers(model)
