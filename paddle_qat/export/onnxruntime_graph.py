@@ -178,8 +178,6 @@ def _fit_bias(g: _Graph, weight_dq, bias: np.ndarray, input_scale: float) -> Non
 def quantize_conv_biases(model) -> int:
     """Give every Q/DQ conv's float bias as int32 + DequantizeLinear (scale: input scale x
     weight scale per channel), the form ONNX Runtime's QLinearConv fusion needs."""
-    from onnx import helper
-
     g = _Graph(model)
     changed = 0
     for conv in [n for n in g.graph.node if n.op_type == "Conv" and len(n.input) > 2]:
@@ -191,18 +189,25 @@ def quantize_conv_biases(model) -> int:
         _fit_bias(g, weight_dq, bias, input_scale)
         scale = (input_scale * _per_channel(g, weight_dq, bias.size).astype(np.float64)
                  ).astype(np.float32)
-        values = np.round(bias / scale)
-        name = f"{conv.name}.bias"
-        g.set_initializer(f"{name}.int32", values.astype(np.int32))
-        g.set_initializer(f"{name}.scale", scale)
-        g.set_initializer(f"{name}.zero_point", np.zeros(bias.size, np.int32))
-        node = helper.make_node("DequantizeLinear", [f"{name}.int32", f"{name}.scale",
-                                                     f"{name}.zero_point"],
-                                [f"{name}.dequantized"], name=f"{name}.DequantizeLinear", axis=0)
-        g.graph.node.insert(list(g.graph.node).index(conv), node)
-        conv.input[2] = f"{name}.dequantized"
+        conv.input[2] = _int32_bias(g, f"{conv.name}.bias", np.round(bias / scale), scale,
+                                    before=conv)
         changed += 1
     return changed
+
+
+def _int32_bias(g: _Graph, name: str, values: np.ndarray, scale: np.ndarray, before) -> str:
+    """An int32 initializer + per-channel DequantizeLinear placed before ``before``; returns
+    the dequantized tensor's name."""
+    from onnx import helper
+
+    g.set_initializer(f"{name}.int32", values.astype(np.int32))
+    g.set_initializer(f"{name}.scale", scale)
+    g.set_initializer(f"{name}.zero_point", np.zeros(values.size, np.int32))
+    node = helper.make_node("DequantizeLinear", [f"{name}.int32", f"{name}.scale",
+                                                 f"{name}.zero_point"],
+                            [f"{name}.dequantized"], name=f"{name}.DequantizeLinear", axis=0)
+    g.graph.node.insert(list(g.graph.node).index(before), node)
+    return f"{name}.dequantized"
 
 
 def quantize_matmul_biases(model) -> int:
@@ -210,8 +215,6 @@ def quantize_matmul_biases(model) -> int:
     DequantizeLinear, scale input scale x weight scale per output column: ONNX Runtime then
     runs MatMul + Add as one integer ``QGemm`` with float output. A bias beyond int32 at
     that scale stays float (the check then names the MatMul)."""
-    from onnx import helper
-
     g = _Graph(model)
     changed = 0
     for matmul in [n for n in g.graph.node if n.op_type == "MatMul"]:
@@ -231,15 +234,8 @@ def quantize_matmul_biases(model) -> int:
         values = np.round(bias / scale)
         if np.any(np.abs(values) > np.iinfo(np.int32).max):
             continue
-        name = f"{matmul.name}.bias"
-        g.set_initializer(f"{name}.int32", values.astype(np.int32))
-        g.set_initializer(f"{name}.scale", scale)
-        g.set_initializer(f"{name}.zero_point", np.zeros(bias.size, np.int32))
-        node = helper.make_node("DequantizeLinear", [f"{name}.int32", f"{name}.scale",
-                                                     f"{name}.zero_point"],
-                                [f"{name}.dequantized"], name=f"{name}.DequantizeLinear", axis=0)
-        g.graph.node.insert(list(g.graph.node).index(add), node)
-        add.input[list(add.input).index(bias_name)] = f"{name}.dequantized"
+        add.input[list(add.input).index(bias_name)] = _int32_bias(
+            g, f"{matmul.name}.bias", values, scale, before=add)
         changed += 1
     return changed
 
