@@ -176,8 +176,9 @@ def ort_latency(models: dict, shape: tuple, threads: int, rounds: int) -> tuple[
         per_round = collections.defaultdict(list)
         for _ in range(rounds):  # interleaved, so drift hits every model alike
             for name, runner in runners.items():
-                per_round[name].append(benchmark(runner, data, iterations=50 if batch == 1
-                                                 else 10, warmup=5))
+                # batch 1 of a small model takes ~0.1 ms: enough calls to see past VM jitter
+                per_round[name].append(benchmark(runner, data, iterations=200 if batch == 1
+                                                 else 20, warmup=10))
         for name, timings in per_round.items():
             results[(name, batch)] = min(timings, key=lambda t: t.median_ms)
     return results, kernels
