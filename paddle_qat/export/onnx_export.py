@@ -34,7 +34,8 @@ def _check(model, target: str) -> None:
 
         violations = list(check_model(model))
         rules = "TensorRT's Q/DQ rules"
-        fix = ""
+        fix = ("\nA model trained with QATConfig(target='onnxruntime') exports with "
+               "target='onnxruntime' (CLI: --target onnxruntime)")
     else:
         from .onnxruntime_check import float_ops
 
