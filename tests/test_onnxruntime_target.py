@@ -363,3 +363,24 @@ def test_amp_keeps_the_onnxruntime_quantizers_fp32(level, gpu_amp_lists, single_
                 for q, _ in _quantizers(program).values()}
     assert ranges(main) == ranges(test)
     assert (0, 255) in ranges(test).values() and (-128, 127) in ranges(test).values()
+
+
+def test_two_ranks_average_every_onnxruntime_quantizer(two_ranks):
+    """Data parallel: the target's extra quantizers (add branch, pooling) and its unsigned ones
+    are averaged across ranks like the rest, in the one fused all-reduce."""
+    from paddle_qat.scale_sync import activation_quant_state
+    from program_tools import all_reduce_count
+    from test_fleet_qat import fleet_minimize
+
+    main, startup, _, (_, _, _, loss) = nets.build()
+    strategy = two_ranks.DistributedStrategy()
+    paddle_qat.configure(strategy, ORT_TARGET)
+    fleet_minimize(two_ranks, strategy, main, startup, loss)
+    quantizers = _quantizers(main)
+    scales = {q.input("Scale")[0] for q, _ in quantizers.values()}
+    # image, stem, add branch, and the block output shared by the pools and the fc input
+    assert len(scales) == 4
+    assert any(q.attr("qmin") == 0 for q, _ in quantizers.values())
+    state = activation_quant_state(main)
+    assert {n for n in state if n.endswith("@scale")} == scales
+    assert all_reduce_count(main) > 0

@@ -30,12 +30,7 @@ def test_two_ranks_average_every_activation_quantizer(two_ranks):
     assert len(split.output("Out")) == len(state)
 
 
-def test_two_ranks_qat_amp_keeps_gradient_and_scale_sync(two_ranks, monkeypatch):
-    from paddle.static.amp import fp16_lists
-
-    real = fp16_lists._get_sys_unsupported_list
-    monkeypatch.setattr(fp16_lists, "_get_sys_unsupported_list",
-                        lambda dtype: ("GPU", set(), real(dtype)[2]))
+def test_two_ranks_qat_amp_keeps_gradient_and_scale_sync(two_ranks, gpu_amp_lists):
     counts = {}
     for qat in (False, True):
         main, startup, _, (_, _, _, loss) = nets.build()
