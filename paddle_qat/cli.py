@@ -36,15 +36,11 @@ def _export(args) -> None:
 
 
 def _check(args) -> int:
-    from .export.checker import check_model
-    from .export.onnxruntime_check import float_ops
+    from .export.target_check import target_problems
 
     if not Path(args.model).is_file():
         raise QATError(f"ONNX model {args.model} does not exist")
-    if args.target == "onnxruntime":
-        violations, what = float_ops(args.model), "op(s) ONNX Runtime runs in float"
-    else:
-        violations, what = check_model(args.model), "violation(s) of TensorRT's Q/DQ rules"
+    violations, what = target_problems(args.model, args.target)
     for violation in violations:
         print(violation)
     print(f"{args.model}: {len(violations)} {what}")

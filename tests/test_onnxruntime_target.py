@@ -211,6 +211,8 @@ def test_bad_targets_are_named():
         QATConfig(target="cpu")
     with pytest.raises(QATConfigError, match="static programs"):
         quantize_model(paddle.nn.Linear(2, 2), ORT_TARGET)
+    with pytest.raises(QATError, match="export target 'cpu'.*onnxruntime"):
+        export_onnx(None, [], [], "never.onnx", target="cpu")  # refused before any work
 
 
 def _conv_bn_model(gamma, weight_min=-127):

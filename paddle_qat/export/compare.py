@@ -38,8 +38,8 @@ class ModelSummary:
     path: Path
     quantize: int = 0
     dequantize: int = 0
-    violations: list = field(default_factory=list)  # TensorRT rules broken
-    float_ops: list = field(default_factory=list)  # quantized ops ONNX Runtime runs in float
+    # the target's problems: TensorRT rule violations, or ops ONNX Runtime runs in float
+    problems: list = field(default_factory=list)
     nodes: dict[str, NodePrecision] = field(default_factory=dict)
     target: str = "tensorrt"
 
@@ -59,8 +59,7 @@ def summarize(path, target: str = "tensorrt") -> ModelSummary:
     """Precision of every compute node of one ONNX model, and its problems for ``target``."""
     import onnx
 
-    from .checker import check_model
-    from .onnxruntime_check import float_ops
+    from .target_check import target_problems
 
     path = Path(path)
     if not path.is_file():
@@ -72,11 +71,7 @@ def summarize(path, target: str = "tensorrt") -> ModelSummary:
     graph = model.graph
     constants = _constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    summary = ModelSummary(path, target=target)
-    if target == "onnxruntime":
-        summary.float_ops = float_ops(model)
-    else:
-        summary.violations = check_model(model)
+    summary = ModelSummary(path, problems=target_problems(model, target)[0], target=target)
     for node in graph.node:
         summary.quantize += node.op_type == "QuantizeLinear"
         summary.dequantize += node.op_type == "DequantizeLinear"
@@ -129,11 +124,11 @@ def format_comparison(report: dict[str, ModelSummary]) -> str:
         int8 = sum(n.precision == "int8" for n in summary.nodes.values())
         head = f"{name}: {summary.quantize} Q / {summary.dequantize} DQ, {int8} int8 compute nodes"
         if summary.target == "onnxruntime":
-            lines.append(f"{head}, {len(summary.float_ops)} quantized op(s) ONNX Runtime runs "
+            lines.append(f"{head}, {len(summary.problems)} quantized op(s) ONNX Runtime runs "
                          f"in float")
             continue
-        rules = sorted({v.rule for v in summary.violations})
-        lines.append(f"{head}, {len(summary.violations)} TensorRT rule violation(s)"
+        rules = sorted({v.rule for v in summary.problems})
+        lines.append(f"{head}, {len(summary.problems)} TensorRT rule violation(s)"
                      + (f" (rules {', '.join(map(str, rules))})" if rules else ""))
     lines.append(f"{differing} node(s) run in a different precision across the models")
     return "\n".join(lines)

@@ -28,24 +28,21 @@ def trained_target(edges) -> str:
     return "onnxruntime" if any(e.unsigned for e in edges) else "tensorrt"
 
 
+# how to get past each target's refusal
+_FIXES = {"tensorrt": "A model trained with QATConfig(target='onnxruntime') exports with "
+                      "target='onnxruntime' (CLI: --target onnxruntime)",
+          "onnxruntime": "Train with QATConfig(target='onnxruntime') for this placement, or "
+                         "pass check=False to write it anyway"}
+
+
 def _check(model, target: str) -> None:
-    if target == "tensorrt":
-        from .checker import check_model
+    from .target_check import target_problems
 
-        violations = list(check_model(model))
-        rules = "TensorRT's Q/DQ rules"
-        fix = ("\nA model trained with QATConfig(target='onnxruntime') exports with "
-               "target='onnxruntime' (CLI: --target onnxruntime)")
-    else:
-        from .onnxruntime_check import float_ops
-
-        violations = float_ops(model)
-        rules = "ONNX Runtime's INT8 fusions"
-        fix = ("\nTrain with QATConfig(target='onnxruntime') for this placement, or pass "
-               "check=False to write it anyway")
+    violations, what = target_problems(model, target)
     if violations:
         listing = "\n".join(f"  - {v}" for v in violations)
-        raise QATError(f"exported ONNX misses {rules}:\n{listing}{fix}")
+        raise QATError(f"the exported ONNX has {len(violations)} {what}:\n{listing}\n"
+                       f"{_FIXES[target]}")
 
 
 def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
