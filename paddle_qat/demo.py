@@ -24,7 +24,7 @@ import numpy as np
 
 import paddle_qat  # noqa: F401  (legacy IR before paddle, fleet QAT installed)
 from paddle_qat.calibration import METHODS, CalibrationConfig
-from paddle_qat.models import ModelSpec, build_classifier
+from paddle_qat.models import ModelSpec, build_classifier, seeded_programs
 
 SPEC = ModelSpec("residual_cnn", in_channels=1, image_size=16, classes=10, width=16)
 CALIBRATION_IMAGES = 256  # from the training split, the usual few hundred
@@ -55,8 +55,7 @@ def load_digits(seed: int = 0):
 def _build(seed: int):
     import paddle
 
-    main, startup = paddle.static.Program(), paddle.static.Program()
-    main.random_seed = startup.random_seed = seed
+    main, startup = seeded_programs(seed)
     with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
         tensors = build_classifier(SPEC)
     return main, startup, main.clone(for_test=True), tensors

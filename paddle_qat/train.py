@@ -29,7 +29,7 @@ import paddle_qat  # legacy IR and fleet QAT in place before paddle
 from paddle_qat.calibration import METHODS, CalibrationConfig
 from paddle_qat.config import TARGETS
 from paddle_qat.errors import QATError
-from paddle_qat.models import MODELS, ModelSpec, build_classifier
+from paddle_qat.models import MODELS, ModelSpec, build_classifier, seeded_programs
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -152,8 +152,7 @@ def build_programs(args, spec: ModelSpec, steps_per_epoch: int, nranks: int, str
     import paddle
     from paddle.distributed import fleet
 
-    main, startup = paddle.static.Program(), paddle.static.Program()
-    main.random_seed = startup.random_seed = args.seed
+    main, startup = seeded_programs(args.seed)
     with paddle.utils.unique_name.guard(), paddle.static.program_guard(main, startup):
         image, _, logits, loss = build_classifier(spec, args.label_smoothing)
         eval_program = main.clone(for_test=True)
