@@ -101,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     qat.add_argument("--qat-target", default="tensorrt", choices=TARGETS,
                      help="runtime the INT8 model is for; it decides the Q/DQ placement "
                           "trained and exported (QATConfig.target)")
-    qat.add_argument("--qat-init", default="percentile", choices=("none", *METHODS),
-                     help="calibrate the scales QAT starts from (not when resuming)")
+    qat.add_argument("--qat-init", default="max", choices=("none", *METHODS),
+                     help="calibrate the scales QAT starts from (not when resuming; default "
+                          "max, where QAT's moving-average abs-max observer stays)")
     qat.add_argument("--calibration-batches", type=int, default=8)
     args = parser.parse_args(argv)
     if args.from_pretrained_params and args.from_checkpoint:

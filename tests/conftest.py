@@ -52,7 +52,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The README's main job, shortened, run once: (output folder, table rows, stdout)."""
+    """The README's main job, shortened (two folds, fewer epochs), run once:
+    (output folder, table rows, stdout)."""
     import contextlib
     import io
 
@@ -61,7 +62,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        rows = demo.run(out, fp32_epochs=20, qat_epochs=2)
+        rows = demo.run(out, fp32_epochs=20, qat_epochs=2, folds=2)
     return out, rows, printed.getvalue()
 
 
