@@ -29,7 +29,7 @@ import numpy as np
 
 import paddle_qat  # noqa: F401  (legacy IR before paddle, fleet QAT installed)
 from paddle_qat.calibration import METHODS, CalibrationConfig
-from paddle_qat.models import ModelSpec, build_classifier, seeded_programs
+from paddle_qat.models import ModelSpec, build_classifier, seed_argument, seeded_programs
 
 SPEC = ModelSpec("residual_cnn", in_channels=1, image_size=16, classes=10, width=16)
 CALIBRATION_IMAGES = 256  # from the training split, the usual few hundred
@@ -324,7 +324,8 @@ def main(argv=None):
     parser.add_argument("--folds", type=_folds, default=5,
                         help="cross-validation folds; 1 is a single 80/20 split, 5x quicker "
                              "and 5x coarser (5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=0,
+                        help="seed of the fold split, initial weights and batch order (0)")
     args = parser.parse_args(argv)
     run(args.out, args.fp32_epochs, args.qat_epochs, args.batch, args.low_bits, args.qat_init,
         args.seed, args.folds)

@@ -29,7 +29,13 @@ import paddle_qat  # legacy IR and fleet QAT in place before paddle
 from paddle_qat.calibration import METHODS, CalibrationConfig
 from paddle_qat.config import TARGETS
 from paddle_qat.errors import QATError
-from paddle_qat.models import MODELS, ModelSpec, build_classifier, seeded_programs
+from paddle_qat.models import (
+    MODELS,
+    ModelSpec,
+    build_classifier,
+    seed_argument,
+    seeded_programs,
+)
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -61,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--inference-dir", type=Path, default=None,
                      help="write MODEL_PREFIX.pdmodel/.pdiparams and MODEL_PREFIX.onnx here")
     run.add_argument("--model-prefix", default="resnet_50_paddle")
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed", type=seed_argument, default=42)
     data = parser.add_argument_group("data")
     data.add_argument("--image-root", type=Path, default=Path("/imagenet"),
                       help="holds train/ and val/, one sub-folder of images per class")

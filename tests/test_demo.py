@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import onnx
+import pytest
 
 from paddle_qat.export.checker import check_model
 from paddle_qat.export.onnxruntime_check import float_ops
@@ -61,3 +62,15 @@ def test_demo_help():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--fp32-epochs" in result.stdout
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--seed", "-1"], "--seed must be 0 .. 2**32 - 1, got -1"),
+    (["--folds", "0"], "--folds must be 1..10, got 0"),
+    (["--low-bits", "4,1"], "low-bit weight widths must be 2..7"),
+])
+def test_bad_demo_arguments_are_one_clear_line(args, text):
+    result = subprocess.run([sys.executable, "-m", "paddle_qat.demo", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert text in result.stderr and "Traceback" not in result.stderr

@@ -57,6 +57,16 @@ def _resnet50(spec: ModelSpec):
 MODELS = {"residual_cnn": _residual_cnn, "resnet50": _resnet50}
 
 
+def seed_argument(text: str) -> int:
+    """argparse type of ``--seed``: Paddle and NumPy take seeds 0 .. 2**32 - 1."""
+    import argparse
+
+    seed = int(text)
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"--seed must be 0 .. 2**32 - 1, got {text}")
+    return seed
+
+
 def seeded_programs(seed: int):
     """A fresh (main, startup) pair whose initial weights depend on ``seed`` alone.
 
