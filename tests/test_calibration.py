@@ -115,3 +115,20 @@ def test_unsigned_tensors_are_searched_on_the_unsigned_grid():
         return float(np.mean((x - np.clip(np.round(x / step), 0, 15) * step) ** 2))
     assert unsigned > signed
     assert unsigned_mse(unsigned) < 0.9 * unsigned_mse(signed)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_entropy_does_not_clip_a_tail_to_fit_a_few_spikes(unsigned):
+    """A conv map of images with flat backgrounds: each channel's background is one value,
+    so a few tall spikes hold much of the mass below a long tail. KL stopped right after
+    the last spike (0.89 here, as on the demo's stem, 17 % of the non-zero values clipped;
+    one fold fell from 348 to 198 of 359 correct)."""
+    rng = np.random.default_rng(0)
+    content = np.abs(rng.normal(size=600_000))
+    backgrounds = np.repeat(np.linspace(0.07, 0.89, 10), 40_000)
+    x = np.concatenate([content, backgrounds, np.zeros(500_000)]).astype("float32")
+    calibrator = ActivationCalibrator(CalibrationConfig(method="entropy"))
+    calibrator.collect({"a": x})
+    threshold = calibrator.thresholds(unsigned={"a"} if unsigned else frozenset())["a"]
+    assert np.mean(x[x > 0] > threshold) <= 0.01
+    assert threshold < x.max()  # still a clipping calibrator
