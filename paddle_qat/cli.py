@@ -17,6 +17,7 @@ import numpy as np
 from .config import TARGETS
 from .errors import QATError
 from .export.ort_ptq import ORT_METHODS
+from .runtime.int8_kernels import KERNEL_MODES
 
 
 def _export(args) -> None:
@@ -123,8 +124,9 @@ def _infer(args) -> None:
     from .export.atomic import atomic_path
     from .runtime import benchmark, open_runner
 
-    options = {"threads": args.threads} if args.runtime == "onnxruntime" else {
-        "engine_path": args.engine, "max_batch": args.batch, "rebuild": args.rebuild}
+    options = {"threads": args.threads, "int8_kernels": args.int8_kernels} \
+        if args.runtime == "onnxruntime" else {
+            "engine_path": args.engine, "max_batch": args.batch, "rebuild": args.rebuild}
     runner = open_runner(args.model, args.runtime, **options)
     if args.input:
         images = _load_array(args.input, "input").astype("float32")
@@ -137,6 +139,8 @@ def _infer(args) -> None:
     logits = np.concatenate([runner.run(images[i:i + args.batch])
                              for i in range(0, len(images), args.batch)])
     print(f"{args.runtime}: ran {len(images)} inputs through {args.model}")
+    if hasattr(runner, "kernels"):
+        print(f"kernels: {runner.kernels.label} ({runner.kernels.reason})")
     if args.labels:
         labels = _load_array(args.labels, "labels").reshape(-1)
         if len(labels) != len(images):
@@ -256,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--benchmark", type=int, default=0, metavar="RUNS",
                        help="time RUNS runs of one batch and print latency / throughput")
     infer.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads")
+    infer.add_argument("--int8-kernels", choices=KERNEL_MODES, default="auto",
+                       help="onnxruntime: auto (default) fuses INT8 kernels only where they "
+                            "compute the model exactly (CPUs without VNNI saturate weights "
+                            "beyond +-64); fused forces them (timing only); simulated runs "
+                            "Q/DQ in float")
     infer.add_argument("--engine", help="tensorrt: engine file to build or reuse "
                                         "(default: the .onnx path with .engine)")
     infer.add_argument("--rebuild", action="store_true", help="tensorrt: rebuild the engine")

@@ -21,6 +21,7 @@ one table prints accuracy, latency at batch 1 and model size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +45,16 @@ QAT_INIT = "max"
 @dataclass
 class Result:
     """One table row: ``correct`` of ``images`` test digits over all folds; latency and size
-    are the first fold's model (every fold's is the same network)."""
+    are the first fold's model (every fold's is the same network); ``kernels`` is how ONNX
+    Runtime computed it on this CPU (``int8``, or ``float Q/DQ`` where its INT8 kernels would
+    saturate the weights: see :mod:`paddle_qat.runtime.int8_kernels`)."""
 
     name: str
     correct: int
     images: int
     latency_ms: float
     size_kb: float
+    kernels: str = "int8"
 
     @property
     def accuracy(self) -> float:
@@ -120,25 +124,23 @@ def _epochs(exe, program, loss, train, epochs, batch, seed, desc, on_epoch=None,
 
 
 def _evaluate_onnx(name, path, test, timed: bool = True) -> Result:
-    import onnxruntime as ort
+    from .runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    runner = OnnxRuntimeRunner(path, threads=2)  # INT8 kernels only where they are exact
     images, labels = test
-    logits = np.concatenate([session.run(None, {"image": images[i:i + 256]})[0]
-                             for i in range(0, len(images), 256)])
+    logits = np.concatenate([runner.run(images[i:i + 256]) for i in range(0, len(images), 256)])
     correct = int((logits.argmax(1) == labels[:, 0]).sum())
     latency = float("nan")
     if timed:
         one = images[:1]
         for _ in range(20):
-            session.run(None, {"image": one})
+            runner.run(one)
         start = time.perf_counter()
         for _ in range(200):
-            session.run(None, {"image": one})
+            runner.run(one)
         latency = (time.perf_counter() - start) / 200 * 1e3
-    return Result(name, correct, len(images), latency, Path(path).stat().st_size / 1024)
+    return Result(name, correct, len(images), latency, Path(path).stat().st_size / 1024,
+                  runner.kernels.label)
 
 
 def _copy_weights(names, source, target, place) -> None:
@@ -228,8 +230,8 @@ def run(out: Path, fp32_epochs: int = 30, qat_epochs: int = 3, batch: int = 32,
                               fp32_epochs, qat_epochs, batch, low_bits, qat_init,
                               seed + fold, timed=fold == 0)
         rows = fold_rows if not rows else [
-            Result(r.name, r.correct + f.correct, r.images + f.images, r.latency_ms,
-                   r.size_kb) for r, f in zip(rows, fold_rows)]
+            dataclasses.replace(r, correct=r.correct + f.correct, images=r.images + f.images)
+            for r, f in zip(rows, fold_rows)]
     print(format_table(rows))
     return rows
 
@@ -290,9 +292,9 @@ def _run_fold(out: Path, train, test, fp32_epochs: int, qat_epochs: int, batch: 
 
 def format_table(rows: list[Result]) -> str:
     lines = [f"{'model':<22} {'accuracy':>9} {'correct':>11} {'latency bs1 (ms)':>17} "
-             f"{'size (KiB)':>11}"]
+             f"{'size (KiB)':>11}  ORT kernels"]
     lines += [f"{r.name:<22} {r.accuracy:>9.4f} {f'{r.correct}/{r.images}':>11} "
-              f"{r.latency_ms:>17.3f} {r.size_kb:>11.1f}" for r in rows]
+              f"{r.latency_ms:>17.3f} {r.size_kb:>11.1f}  {r.kernels}" for r in rows]
     return "\n".join(lines)
 
 

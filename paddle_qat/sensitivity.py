@@ -159,9 +159,9 @@ def layer_fidelity(program, scope, onnx_path, images: np.ndarray) -> dict[str, f
     """Per quantized layer: cosine of Paddle's simulated output and ONNX Runtime's output of
     the same tensor (layers whose output paddle2onnx renamed are left out)."""
     import onnx
-    import onnxruntime as ort
 
     from .export.quant_map import read_quant_edges
+    from .runtime.int8_kernels import open_session
 
     model = onnx.load(str(onnx_path))
     produced = {o for n in model.graph.node for o in n.output}
@@ -169,8 +169,7 @@ def layer_fidelity(program, scope, onnx_path, images: np.ndarray) -> dict[str, f
     for name in outputs:
         model.graph.output.append(onnx.helper.make_tensor_value_info(
             name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session, _ = open_session(model)
     onnx_values = session.run(outputs, {model.graph.input[0].name: images})
     import paddle
 

@@ -10,7 +10,6 @@ import pickle
 import warnings
 
 import numpy as np
-import onnxruntime as ort
 import paddle
 import pytest
 from paddle.base import core
@@ -20,6 +19,7 @@ import paddle_qat
 from paddle_qat import amp
 from paddle_qat.checkpoint import is_quant_state, load_checkpoint, save_checkpoint
 from paddle_qat.export import export_onnx
+from paddle_qat.runtime.int8_kernels import open_session
 from program_tools import all_reduce_count, producers
 from test_fleet_qat import fleet_minimize, qat_strategy
 
@@ -150,7 +150,7 @@ def test_amp_checkpoint_loads_into_fp32_eval_and_exports_without_warnings(
         np.array(eval_scope.find_var("conv2d_0.w_0@scale").get_tensor()), np.full(8, 2.5))
     assert len(result.edges) == 7
     images = next(nets.separable_batches(1))["image"]
-    assert np.isfinite(ort.InferenceSession(str(result.path)).run(None, {"image": images})[0]).all()
+    assert np.isfinite(open_session(str(result.path))[0].run(None, {"image": images})[0]).all()
 
 
 def test_migrate_round_trips_an_old_layout_checkpoint(tmp_path):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+
+from paddle_qat.runtime.int8_kernels import open_session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_export_from_checkpoint_equals_the_live_export(demo_run, tmp_path):
     images = np.load(out / "test_images.npy")
 
     def logits(path):
-        return ort.InferenceSession(str(path)).run(None, {"image": images})[0]
+        return open_session(str(path))[0].run(None, {"image": images})[0]
 
     # the demo exported the last epoch from its live program and scope
     np.testing.assert_array_equal(logits(tmp_path / "m.onnx"), logits(out / "qat_w8.onnx"))
@@ -116,7 +117,7 @@ def test_tensorrt_without_tensorrt_says_how_to_get_it(demo_run):
 
 
 def _accuracy(onnx_path, images, labels) -> float:
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session, _ = open_session(str(onnx_path))
     logits = session.run(None, {session.get_inputs()[0].name: images})[0]
     return float((logits.argmax(1) == labels).mean())
 

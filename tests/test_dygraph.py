@@ -3,12 +3,12 @@ computes exactly what the trained model computes (ONNX Runtime and the saved Pad
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import paddle
 import pytest
 
 from paddle_qat import QATConfig, QATConfigError
 from paddle_qat.dygraph import export_onnx, quantize_model
+from paddle_qat.runtime.int8_kernels import open_session
 
 SPEC = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "image")]
 
@@ -65,7 +65,7 @@ def test_qat_learns_and_export_matches_the_model_exactly(dygraph, tmp_path):
     assert paddle.in_dynamic_mode()  # the export leaves the caller's mode alone
     images = np.random.default_rng(9).normal(0, 2, size=(128, 3, 8, 8)).astype("float32")
     expected = model(paddle.to_tensor(images)).numpy()
-    onnx_out = ort.InferenceSession(str(result.onnx_path)).run(None, {"image": images})[0]
+    onnx_out = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
     np.testing.assert_allclose(onnx_out, expected, rtol=1e-5, atol=1e-5)
     paddle.enable_static()
     exe = paddle.static.Executor(paddle.CPUPlace())
@@ -149,6 +149,6 @@ def test_export_keeps_a_model_that_names_its_own_sublayers_layers(dygraph, tmp_p
     _train(model, 2)
     result = export_onnx(model, SPEC, tmp_path / "net.onnx")
     images = np.random.default_rng(2).normal(size=(4, 3, 8, 8)).astype("float32")
-    got = ort.InferenceSession(str(result.onnx_path)).run(None, {"image": images})[0]
+    got = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
     np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
                                atol=1e-5)

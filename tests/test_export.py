@@ -4,7 +4,6 @@ import collections
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import paddle
 import pytest
 from onnx import helper, numpy_helper
@@ -14,6 +13,7 @@ import paddle_qat
 from paddle_qat.errors import QATError, ScaleError
 from paddle_qat.export import export_inference_model, export_onnx, read_quant_edges
 from paddle_qat.export.checker import check_model
+from paddle_qat.runtime.int8_kernels import open_session
 from program_tools import forward_ops
 
 
@@ -56,8 +56,7 @@ def _paddle_logits(trained, images):
 
 
 def test_onnx_runtime_agrees_with_paddle_simulated_quant_on_1024_inputs(trained):
-    session = ort.InferenceSession(str(trained["result"].path),
-                                   providers=["CPUExecutionProvider"])
+    session, _ = open_session(str(trained["result"].path))
     rng = np.random.default_rng(123)
     agree = total = 0
     worst_steps = 0.0
@@ -167,7 +166,7 @@ def test_four_bit_weights_export_faithfully(tmp_path):
         result = export_onnx(test, [image], [logits], tmp_path / "m.onnx", scope=scope)
         images = next(nets.separable_batches(1, batch=32, seed=4))["image"]
         expected = exe.run(test, feed=_feed(images), fetch_list=[logits])[0]
-    got = ort.InferenceSession(str(result.path)).run(None, {"image": images})[0]
+    got = open_session(str(result.path))[0].run(None, {"image": images})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4)
     weights = [numpy_helper.to_array(t) for t in onnx.load(str(result.path)).graph.initializer
                if t.name.endswith(".int8")]

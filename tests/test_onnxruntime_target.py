@@ -26,6 +26,7 @@ from paddle_qat.export.onnxruntime_graph import (
     quantize_conv_biases,
 )
 from paddle_qat.placement import activation_quantizers
+from paddle_qat.runtime.int8_kernels import choose_kernels, int8_kernels_saturate, open_session
 from program_tools import producers
 
 ORT_TARGET = QATConfig(target="onnxruntime")
@@ -107,7 +108,7 @@ def test_export_runs_every_quantized_op_int8_in_onnxruntime_and_matches_paddle(
 
     feed = next(nets.separable_batches(1, batch=64, seed=3))
     expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]], scope=t["scope"])[0]
-    got = ort.InferenceSession(str(tmp_path / "cpu.onnx")).run(None, {"image": feed["image"]})[0]
+    got = open_session(str(tmp_path / "cpu.onnx"))[0].run(None, {"image": feed["image"]})[0]
     # The average pool's input is quantized here, so its output often lies exactly between two
     # levels, and the order of a float sum decides the side (a step in ~2% of values; measured).
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
@@ -159,7 +160,7 @@ def test_mobile_style_activations_export_for_both_targets(target, tmp_path):
             assert optimized[kernel] == 1, kernel
     feed = next(nets.separable_batches(1, batch=64, seed=3))
     expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]], scope=t["scope"])[0]
-    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": feed["image"]})[0]
+    got = open_session(str(tmp_path / "m.onnx"))[0].run(None, {"image": feed["image"]})[0]
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
 
@@ -243,7 +244,7 @@ def _conv_bn_model(gamma, weight_min=-127):
 
 
 def _run(model, x):
-    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    return open_session(model)[0].run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("weight_min", [-127, -128])
@@ -271,6 +272,12 @@ def test_folding_batch_norm_into_an_int8_conv_keeps_its_output(weight_min):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(model.SerializeToString(), options).run(None, {"x": x})[0]
+    fused = open_session(model, "fused")[0].run(None, {"x": x})[0]
+    if int8_kernels_saturate():  # no VNNI: full-range weights saturate the fused kernel,
+        assert not np.array_equal(fused, plain)  # so the runner computes Q/DQ in float
+        assert not choose_kernels(model).fused
+    else:
+        np.testing.assert_array_equal(fused, plain)
     np.testing.assert_array_equal(_run(model, x), plain)
 
 

@@ -1,7 +1,6 @@
 """Shared scales where TensorRT merges tensors: learnt in training, checked on export."""
 
 import numpy as np
-import onnxruntime as ort
 import paddle
 import pytest
 from paddle import static
@@ -9,6 +8,7 @@ from paddle import static
 import nets
 from paddle_qat import QATConfig, QATError
 from paddle_qat.export import export_onnx
+from paddle_qat.runtime.int8_kernels import open_session
 from program_tools import producers
 
 CONFIG = QATConfig(activation_op_types=("concat", "pool2d"))
@@ -67,7 +67,7 @@ def test_shared_scales_export_cleanly_and_faithfully(tmp_path):
     feed = next(nets.separable_batches(1, batch=64, seed=3))
     expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]],
                             scope=t["scope"])[0]
-    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": feed["image"]})[0]
+    got = open_session(str(tmp_path / "m.onnx"))[0].run(None, {"image": feed["image"]})[0]
     # ORT's and Paddle's float convolutions differ by ~1e-5, which moves a few values across a
     # rounding boundary: one quantization step here and there (as in test_export).
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95

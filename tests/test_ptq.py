@@ -1,7 +1,6 @@
 """PTQ on a real static program: scales from data, export fidelity, and QAT started from it."""
 
 import numpy as np
-import onnxruntime as ort
 import paddle
 import pytest
 
@@ -10,6 +9,7 @@ from nets import build, separable_batches, train_qat
 from paddle_qat.calibration import ActivationCalibrator, CalibrationConfig
 from paddle_qat.export import export_onnx
 from paddle_qat.ptq import calibrate
+from paddle_qat.runtime.int8_kernels import open_session
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_ptq_model_stays_close_to_fp32_and_exports_faithfully(fp32_model, method
     with paddle.static.scope_guard(fp32_model["scope"]):
         export_onnx(fp32_model["test"], [fp32_model["image"]], [fp32_model["logits"]],
                     tmp_path / "ptq.onnx", scope=fp32_model["scope"])
-    onnx_logits = ort.InferenceSession(str(tmp_path / "ptq.onnx")).run(None, {"image": images})[0]
+    onnx_logits = open_session(str(tmp_path / "ptq.onnx"))[0].run(None, {"image": images})[0]
     np.testing.assert_allclose(onnx_logits, ptq_logits, atol=1e-5 * np.abs(ptq_logits).max())
 
 

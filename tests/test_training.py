@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from paddle_qat.checkpoint import read_meta, read_values
 from paddle_qat.data import ImageSpec, eval_batches, image_folder, write_digits_folder
 from paddle_qat.export.checker import check_model
 from paddle_qat.export.onnxruntime_check import float_ops
+from paddle_qat.runtime.int8_kernels import open_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model-arch-name", "residual_cnn", "--image-shape", "3,16,16", "--batch-size", "32",
@@ -73,7 +73,7 @@ def test_fp32_baseline_then_qat_fine_tuning_through_the_scripts(digits, tmp_path
     assert (tmp_path / "inference_qat" / "resnet_50_paddle.pdmodel").is_file()
     # ONNX Runtime on the validation folder agrees with the accuracy training reported.
     val = image_folder(digits / "val", image_folder(digits / "train").classes)
-    session = ort.InferenceSession(str(exported))
+    session, _ = open_session(str(exported))
     correct = total = 0
     for batch in eval_batches(val, ImageSpec(16, 18), 128, workers=2):
         logits = session.run(None, {"image": batch["image"]})[0]

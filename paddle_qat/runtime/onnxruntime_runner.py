@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ..errors import QATError
+from .int8_kernels import open_session
 
 
 class OnnxRuntimeRunner:
-    """One ONNX Runtime CPU session with a single input and the first output returned."""
+    """One ONNX Runtime CPU session with a single input and the first output returned.
 
-    def __init__(self, model_path, threads: int | None = None):
-        import onnxruntime as ort
+    ``int8_kernels`` (``auto``, ``fused``, ``simulated``): ``auto`` uses ONNX Runtime's fused
+    INT8 kernels wherever they compute the model exactly, and Q/DQ in float where this CPU's
+    kernels would saturate its weights (see :mod:`paddle_qat.runtime.int8_kernels`);
+    ``runner.kernels`` says which and why."""
 
-        path = Path(model_path)
-        if not path.is_file():
-            raise QATError(f"ONNX model {path} does not exist")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as error:  # ORT raises its own Fail/InvalidGraph types
-            raise QATError(f"ONNX Runtime cannot load {path}: {error}. Is the file truncated "
-                           f"or not an ONNX model?") from None
+    def __init__(self, model_path, threads: int | None = None, int8_kernels: str = "auto"):
+        self.session, self.kernels = open_session(model_path, int8_kernels, threads)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise QATError(f"{path} has {len(inputs)} inputs; this runner feeds one image input")
+            raise QATError(f"{model_path} has {len(inputs)} inputs; this runner feeds one "
+                           f"image input")
         self.input_name = inputs[0].name
         self.input_shape = tuple(inputs[0].shape)
 
