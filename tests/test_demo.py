@@ -8,6 +8,7 @@ import pytest
 
 from paddle_qat.export.checker import check_model
 from paddle_qat.export.onnxruntime_check import float_ops
+from paddle_qat.runtime.int8_kernels import weight_level
 
 
 def test_short_demo_trains_exports_and_evaluates(demo_run):
@@ -17,7 +18,9 @@ def test_short_demo_trains_exports_and_evaluates(demo_run):
     expected = ["FP32"]
     for bits in (8, 4, 3):
         expected += [f"PTQ w{bits}a8 {m}" for m in methods] + [f"QAT w{bits}a8"]
-    assert list(by_name) == expected + ["PTQ w8a8 ORT, CPU", "QAT w8a8, CPU target"]
+    cpu_pairs = [f"{kind} w{bits}a8{what}" for bits in (8, 7)
+                 for kind, what in (("PTQ", " ORT, CPU"), ("QAT", ", CPU target"))]
+    assert list(by_name) == expected + cpu_pairs
     # two folds: every digit is tested once, by the fold that did not train on it
     assert {(r.images, r.correct <= r.images) for r in rows} == {(1797, True)}
     assert (tmp_path / "folds" / "1" / "qat_w8.onnx").is_file()
@@ -36,12 +39,17 @@ def test_short_demo_trains_exports_and_evaluates(demo_run):
         assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert not any(n.op_type == "QuantizeLinear"
                    for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node)
-    # the CPU rows: ONNX Runtime runs every quantized op of both in INT8
-    for name in ("qat_w8_onnxruntime.onnx", "ptq_w8_ort_cpu.onnx"):
-        assert float_ops(str(tmp_path / name)) == []
-    assert by_name["QAT w8a8, CPU target"].accuracy >= by_name["PTQ w8a8 ORT, CPU"].accuracy \
-        - 0.02, printed
-    assert by_name["QAT w8a8, CPU target"].accuracy > by_name["FP32"].accuracy - 0.03, printed
+    # the CPU rows: ONNX Runtime has an INT8 kernel for every quantized op of each; the 7-bit
+    # pair's weights stay within +-64, so those kernels are exact (and used) on every CPU
+    for bits in (8, 7):
+        for name in (f"qat_w{bits}_onnxruntime.onnx", f"ptq_w{bits}_ort_cpu.onnx"):
+            assert float_ops(str(tmp_path / name)) == []
+            assert (weight_level(onnx.load(str(tmp_path / name))) <= 64) == (bits == 7)
+        qat, ptq = by_name[f"QAT w{bits}a8, CPU target"], by_name[f"PTQ w{bits}a8 ORT, CPU"]
+        assert qat.accuracy >= ptq.accuracy - 0.02, printed
+        assert qat.accuracy > by_name["FP32"].accuracy - 0.03, printed
+        if bits == 7:
+            assert qat.kernels == ptq.kernels == "int8"
     assert "latency bs1 (ms)" in printed
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "epoch_0001", "epoch_0002", "latest"]

@@ -27,8 +27,11 @@ ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
 
 def ort_ptq(float_onnx, out_path, images: np.ndarray, *, method: str = "MinMax",
-            batch: int = 32, target: str = "tensorrt") -> Path:
-    """Quantize ``float_onnx`` with ONNX Runtime's ``quantize_static``; returns ``out_path``."""
+            batch: int = 32, target: str = "tensorrt", reduce_range: bool = False) -> Path:
+    """Quantize ``float_onnx`` with ONNX Runtime's ``quantize_static``; returns ``out_path``.
+
+    ``reduce_range``: 7-bit weights, ONNX Runtime's own remedy for CPUs without VNNI, whose
+    INT8 kernels saturate larger weights (see :mod:`paddle_qat.runtime.int8_kernels`)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -77,6 +80,7 @@ def ort_ptq(float_onnx, out_path, images: np.ndarray, *, method: str = "MinMax",
                         activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method),
+                        reduce_range=reduce_range,
                         extra_options={"ActivationSymmetric": not cpu,
                                        "WeightSymmetric": True})
     onnxruntime.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
