@@ -52,10 +52,25 @@ def machine() -> dict:
         pass
     import onnxruntime
 
+    from paddle_qat.runtime.int8_kernels import int8_kernels_saturate
+
     return {"date": datetime.date.today().isoformat(), "machine": platform.node(), "cpu": cpu,
             "cores": os.cpu_count(), "python": platform.python_version(),
             "paddle": paddle.__version__, "onnxruntime": onnxruntime.__version__,
-            "paddle_qat": paddle_qat.__version__}
+            "paddle_qat": paddle_qat.__version__,
+            "ONNX Runtime INT8 kernels": "saturate weights beyond +-64 (no VNNI)"
+            if int8_kernels_saturate() else "exact for 8-bit weights"}
+
+
+def write_report(text: str, out: Path | None, name: str) -> Path:
+    """Write ``text`` to ``out`` (default ``benchmarks/results/<date>-<name>.md``), print it."""
+    out = out or Path(__file__).with_name("results") / (
+        f"{datetime.date.today().isoformat()}-{name}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+    return out
 
 
 @dataclasses.dataclass
@@ -131,8 +146,12 @@ QAT_TRT = ("QAT INT8, TensorRT placement", "qat_int8.onnx")
 QAT_ORT = ("QAT INT8, target onnxruntime", "qat_int8_onnxruntime.onnx")
 PTQ_TRT = ("ORT quantize_static PTQ INT8, TensorRT settings", "ort_ptq_int8.onnx")
 PTQ_ORT = ("ORT quantize_static PTQ INT8, CPU settings", "ort_ptq_int8_cpu.onnx")
+# 7-bit weights: INT8 kernels exact on CPUs without VNNI too (paddle_qat.runtime.int8_kernels)
+QAT_ORT7 = ("QAT INT8 w7, target onnxruntime", "qat_int8_onnxruntime_w7.onnx")
+PTQ_ORT7 = ("ORT quantize_static PTQ INT8, CPU settings, reduce_range", "ort_ptq_int8_cpu_w7.onnx")
 # (numerator, denominator, goal <= 1): the ratios table (b) reports
-RATIOS = ((QAT_TRT, PTQ_TRT), (QAT_ORT, PTQ_ORT), (QAT_ORT, FP32))
+RATIOS = ((QAT_TRT, PTQ_TRT), (QAT_ORT, PTQ_ORT), (QAT_ORT, FP32), (QAT_ORT7, PTQ_ORT7),
+          (QAT_ORT7, FP32))
 
 
 def export_models(built, folder: Path, calibration: np.ndarray) -> dict[str, Path]:
@@ -143,32 +162,44 @@ def export_models(built, folder: Path, calibration: np.ndarray) -> dict[str, Pat
     export_float_onnx(b.eval, [b.image], [b.logits], folder / FP32[1], scope=b.scope)
     # fleet is one object per process: fleet.qat_init would use the last variant's
     # optimizer, so each eval program is quantized with its variant's config directly.
-    for variant, (_, name) in (("paddle_qat", QAT_TRT), ("paddle_qat_onnxruntime", QAT_ORT)):
+    w7 = dataclasses.replace(CONFIGS["paddle_qat_onnxruntime"], weight_bits=7)
+    for variant, config, (_, name) in (
+            ("paddle_qat", CONFIGS["paddle_qat"], QAT_TRT),
+            ("paddle_qat_onnxruntime", w7, QAT_ORT7),
+            ("paddle_qat_onnxruntime", CONFIGS["paddle_qat_onnxruntime"], QAT_ORT)):
         b = built[variant]
-        paddle_qat.quantize_program(b.eval, CONFIGS[variant], scope=b.scope, for_test=True)
-        export_onnx(b.eval, [b.image], [b.logits], folder / name, scope=b.scope)
-    for (_, name), target in ((PTQ_TRT, "tensorrt"), (PTQ_ORT, "onnxruntime")):
-        ort_ptq(folder / FP32[1], folder / name, calibration, target=target)
-    return {row: folder / name for row, name in (FP32, QAT_TRT, QAT_ORT, PTQ_TRT, PTQ_ORT)}
+        program = b.eval.clone(for_test=True)
+        paddle_qat.quantize_program(program, config, scope=b.scope, for_test=True)
+        export_onnx(program, [b.image], [b.logits], folder / name, scope=b.scope)
+    for (_, name), target, reduce_range in ((PTQ_TRT, "tensorrt", False),
+                                            (PTQ_ORT, "onnxruntime", False),
+                                            (PTQ_ORT7, "onnxruntime", True)):
+        ort_ptq(folder / FP32[1], folder / name, calibration, target=target,
+                reduce_range=reduce_range)
+    return {row: folder / name
+            for row, name in (FP32, QAT_TRT, QAT_ORT, QAT_ORT7, PTQ_TRT, PTQ_ORT, PTQ_ORT7)}
 
 
 def ort_latency(models: dict, shape: tuple, threads: int, rounds: int) -> tuple[dict, dict]:
-    """{(model, batch): Timing} and the op types ONNX Runtime's optimizer left in each."""
+    """{(model, batch): Timing} and, per model, how it ran (fused INT8 kernels or Q/DQ in
+    float, as the runner chose for this CPU) and the op types ONNX Runtime's optimizer left."""
     import onnx
     import onnxruntime as ort
 
     from paddle_qat.runtime import benchmark, open_runner
+    from paddle_qat.runtime.int8_kernels import choose_kernels, session_options
 
     results, kernels = {}, {}
     for name, path in models.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        choice = choose_kernels(path)
+        options = session_options(choice, threads)
         optimized = path.with_suffix(".optimized.onnx")
         options.optimized_model_filepath = str(optimized)
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         counts = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
-        kernels[name] = ", ".join(f"{op} {n}" for op, n in sorted(counts.items())
-                                  if op not in ("Constant", "Shape", "Slice", "Concat"))
+        kernels[name] = (choice.label, ", ".join(
+            f"{op} {n}" for op, n in sorted(counts.items())
+            if op not in ("Constant", "Shape", "Slice", "Concat")))
     runners = {name: open_runner(path, threads=threads) for name, path in models.items()}
     rng = np.random.default_rng(1)
     for batch in (1, 32):
@@ -219,11 +250,12 @@ def report(spec, args, info, steps, latency, kernels) -> str:
               f"Paddle's fleet QAT: {'met' if ours <= theirs else 'NOT met'} ({ours:.3f}x vs "
               f"{theirs:.3f}x).", "",
               "## (b) ONNX Runtime CPU", "",
-              "| model | bs1 median ms | bs1 p90 ms | bs32 median ms | bs32 samples/s |",
-              "| --- | --- | --- | --- | --- |"]
-    for name in kernels:
+              "| model | kernels | bs1 median ms | bs1 p90 ms | bs32 median ms | "
+              "bs32 samples/s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, (label, _) in kernels.items():
         one, many = latency[(name, 1)], latency[(name, 32)]
-        lines.append(f"| {name} | {one.median_ms:.3f} | {one.p90_ms:.3f} | "
+        lines.append(f"| {name} | {label} | {one.median_ms:.3f} | {one.p90_ms:.3f} | "
                      f"{many.median_ms:.2f} | {many.throughput:.0f} |")
     lines += ["", "| latency ratio (goal <= 1) | batch 1 | batch 32 |", "| --- | --- | --- |"]
     for (top, _), (bottom, _) in RATIOS:
@@ -232,8 +264,11 @@ def report(spec, args, info, steps, latency, kernels) -> str:
             ratio = latency[(top, batch)].median_ms / latency[(bottom, batch)].median_ms
             cells.append(f"{ratio:.3f} ({'met' if ratio <= 1.0 else 'NOT met'})")
         lines.append(f"| {top} / {bottom} | {' | '.join(cells)} |")
-    lines += ["", "Kernels after ONNX Runtime's graph optimizations (what actually runs):", ""]
-    lines += [f"- {name}: {ops}" for name, ops in kernels.items()]
+    lines += ["", "`kernels`: `float Q/DQ` where this CPU's INT8 kernels would saturate the "
+              "model's 8-bit weights (no VNNI), so the runner computes its Q/DQ in float "
+              "(exact); `int8` where the fused kernels are exact. Ops after ONNX Runtime's "
+              "graph optimizations (what actually runs):", ""]
+    lines += [f"- {name}: {ops}" for name, (_, ops) in kernels.items()]
     shape = "x".join(str(d) for d in (spec.in_channels, spec.image_size, spec.image_size))
     lines += ["", "## (c) TensorRT", "", TENSORRT.format(shape=shape)]
     return "\n".join(lines) + "\n"
@@ -267,13 +302,7 @@ def main(argv=None):
         models = export_models(built, folder, calibration)
         latency, kernels = ort_latency(models, (3, args.image_size, args.image_size),
                                        args.threads, args.rounds)
-    text = report(spec, args, machine(), steps, latency, kernels)
-    out = args.out or Path(__file__).with_name("results") / (
-        f"{datetime.date.today().isoformat()}-{args.model}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    print(f"written to {out}")
+    write_report(report(spec, args, machine(), steps, latency, kernels), args.out, args.model)
 
 
 if __name__ == "__main__":

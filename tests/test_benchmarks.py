@@ -20,5 +20,41 @@ def test_benchmark_script_writes_its_report(tmp_path):
     text = out.read_text()
     for needle in ("| machine |", "| paddle_fleet_qat |", "| paddle_qat_onnxruntime |",
                    "| ORT quantize_static PTQ INT8, CPU settings |",
-                   "| QAT INT8, target onnxruntime / FP32 |", "trtexec --onnx=qat_int8.onnx"):
+                   "| QAT INT8, target onnxruntime / FP32 |", "trtexec --onnx=qat_int8.onnx",
+                   "| QAT INT8 w7, target onnxruntime / FP32 |", "| ONNX Runtime INT8 kernels |",
+                   "| QAT INT8 w7, target onnxruntime | int8 |",  # exact on every CPU
+                   "| ORT quantize_static PTQ INT8, CPU settings, reduce_range | int8 |"):
         assert needle in text
+
+
+@pytest.mark.slow
+def test_seed_benchmark_reports_qat_minus_ptq_for_each_seed(tmp_path):
+    out = tmp_path / "seeds.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "--seeds", "3-4", "--folds", "1",
+         "--fp32-epochs", "2", "--qat-epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| seed |"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    rows = [dict(zip(columns, (cell.strip() for cell in line.strip("|").split("|"))))
+            for line in lines if line[:4] in ("| 3 ", "| 4 ")]
+    assert [row["seed"] for row in rows] == ["3", "4"]
+    for row in rows:
+        assert int(row["FP32"]) > 36  # trained beyond chance (10 classes, 360 digits)
+        best_ptq = max(int(row[f"PTQ w8a8 {m}"]) for m in ("max", "percentile", "mse", "entropy"))
+        assert int(row["TensorRT placement (best of 4 PTQ)"]) == int(row["QAT w8a8"]) - best_ptq
+        for bits, pair in ((8, "CPU (ONNX Runtime's PTQ)"),
+                           (7, "CPU, 7-bit weights (ORT's PTQ, reduce_range)")):
+            assert int(row[pair]) == \
+                int(row[f"QAT w{bits}a8, CPU target"]) - int(row[f"PTQ w{bits}a8 ORT, CPU"])
+    assert "| CPU, 7-bit weights (ORT's PTQ, reduce_range) |" in lines[-1]
+
+
+def test_seed_benchmark_refuses_a_bad_seed_list():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "--seeds",
+                             "3-x"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "seeds must look like 0-5 or 0,2,7" in result.stderr
+    assert "Traceback" not in result.stderr
