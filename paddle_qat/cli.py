@@ -32,6 +32,7 @@ def _export(args) -> None:
     checked = {"tensorrt": "TensorRT Q/DQ rules checked",
                "onnxruntime": "every quantized op runs INT8 in ONNX Runtime"}[result.target]
     print(f"wrote {result.onnx_path} ({result.quantized_inputs} quantized inputs, {checked})")
+    _print_cpu_note(result.onnx_path, result.target)
     if result.paddle_model:
         print(f"wrote {' and '.join(result.paddle_model)}")
 
@@ -45,7 +46,16 @@ def _check(args) -> int:
     for violation in violations:
         print(violation)
     print(f"{args.model}: {len(violations)} {what}")
+    _print_cpu_note(args.model, args.target)
     return 1 if violations else 0
+
+
+def _print_cpu_note(model, target: str) -> None:
+    from .runtime.int8_kernels import cpu_portability_note
+
+    note = cpu_portability_note(model) if target == "onnxruntime" else None
+    if note:
+        print(f"note: {note}")
 
 
 def _compare(args) -> None:

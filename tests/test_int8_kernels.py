@@ -10,6 +10,7 @@ from paddle_qat.errors import QATConfigError, QATError
 from paddle_qat.runtime.int8_kernels import (
     SAFE_WEIGHT_LEVEL,
     choose_kernels,
+    cpu_portability_note,
     int8_kernels_saturate,
     open_session,
     weight_level,
@@ -118,3 +119,9 @@ def test_a_float_model_is_labelled_fp32():
     model.graph.node.append(helper.make_node("MatMul", ["x", "x"], ["y"]))
     choice = choose_kernels(model)
     assert choice.label == "fp32" and choice.fused
+
+
+def test_portability_note_is_a_property_of_the_model_not_of_this_cpu():
+    note = cpu_portability_note(_qdq_matmul(_weights(127), "uint8"))
+    assert "+-128" in note and "without VNNI" in note and "weight_bits=7" in note
+    assert cpu_portability_note(_qdq_matmul(_weights(SAFE_WEIGHT_LEVEL), "int8")) is None

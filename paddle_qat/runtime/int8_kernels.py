@@ -75,6 +75,20 @@ def weight_level(model) -> int:
     return level
 
 
+def cpu_portability_note(model) -> str | None:
+    """For a model meant for ONNX Runtime's CPU INT8 kernels: ``None`` if its weights stay
+    within +-64 (exact INT8 on every CPU), else a note saying where its INT8 kernels are
+    exact and what to do elsewhere. A property of the model, whatever CPU asks."""
+    level = weight_level(_load(model))
+    if level <= SAFE_WEIGHT_LEVEL:
+        return None
+    return (f"weights reach +-{level}: ONNX Runtime's INT8 kernels compute this model "
+            f"exactly on x86 CPUs with VNNI (AVX512-VNNI, AVX-VNNI); on those "
+            f"without VNNI they saturate beyond +-{SAFE_WEIGHT_LEVEL}, where paddle_qat's "
+            f"runner computes its Q/DQ in float instead. Train and export with "
+            f"QATConfig(weight_bits=7) for INT8 kernels on every CPU")
+
+
 def _probe_model(weight: int):
     """Q/DQ ops ONNX Runtime fuses, fed the worst case for a saturating pair of products:
     uint8 activations all 255, int8 weights all ``weight``. A 3x3 conv ending in a Q
