@@ -125,3 +125,21 @@ def test_portability_note_is_a_property_of_the_model_not_of_this_cpu():
     note = cpu_portability_note(_qdq_matmul(_weights(127), "uint8"))
     assert "+-128" in note and "without VNNI" in note and "weight_bits=7" in note
     assert cpu_portability_note(_qdq_matmul(_weights(SAFE_WEIGHT_LEVEL), "int8")) is None
+
+
+def test_float_weights_behind_a_quantizer_count_and_run_time_ones_are_the_worst_case():
+    """ONNX Runtime's own PTQ with int8 activations keeps float weights -> Q -> DQ."""
+    model = _qdq_matmul(_weights(127), "int8")
+    weights = next(t for t in model.graph.initializer if t.name == "w")
+    weights.CopyFrom(numpy_helper.from_array(_weights(127).astype(np.float32) * 0.5, "w"))
+    model.graph.initializer.append(numpy_helper.from_array(np.float32(0.5), "w_scale"))
+    model.graph.node.insert(2, helper.make_node("QuantizeLinear", ["w", "w_scale", "wz"],
+                                                ["wq"]))
+    dequantize = next(n for n in model.graph.node if list(n.input) == ["w", "s", "wz"])
+    dequantize.input[0] = "wq"
+    assert weight_level(model) == 128
+    x = _worst_inputs("int8", 64)
+    np.testing.assert_array_equal(_outputs(model, x, "auto"), x.astype(np.float64) @ _weights(127))
+    dequantize.input[0] = "xq"  # an int8 operand computed at run time: unknown, so the worst
+    assert weight_level(model) == 128
+    assert weight_level(_qdq_matmul(_weights(9), "int8")) == 9

@@ -59,20 +59,51 @@ class KernelChoice:
 
 
 def weight_level(model) -> int:
-    """Largest ``|level|`` of the int8 weights that reach a Conv, Gemm or MatMul through a
-    DequantizeLinear (0 for a float model)."""
-    from onnx import TensorProto, numpy_helper
+    """Largest ``|level|`` of the int8 weights (input B) that a Conv, ConvTranspose, Gemm or
+    MatMul reads through a DequantizeLinear: an int8 initializer, or a constant float weight
+    behind a QuantizeLinear (computed here). 128, the worst case, where that int8 operand is
+    computed at run time. 0 for a float model."""
+    from onnx import numpy_helper
 
-    initializers = {t.name: t for t in model.graph.initializer}
-    readers = {i for n in model.graph.node if n.op_type in _WEIGHT_READERS for i in n.input}
+    constants = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+
+    def value(name):
+        return numpy_helper.to_array(constants[name]) if name in constants else None
+
     level = 0
     for node in model.graph.node:
-        tensor = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if tensor is not None and tensor.data_type == TensorProto.INT8 \
-                and node.output[0] in readers:
-            values = numpy_helper.to_array(tensor).astype(np.int32)
-            level = max(level, int(np.abs(values).max(initial=0)))
+        dq = producer.get(node.input[1]) if node.op_type in _WEIGHT_READERS \
+            and len(node.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        levels, zero = value(dq.input[0]), value(dq.input[2]) if len(dq.input) > 2 else None
+        typed = zero if zero is not None else levels  # the one that tells the int type
+        if typed is None or typed.dtype != np.int8:
+            continue  # uint8 weights: the u8u8 kernels widen to int16 first and do not saturate
+        if levels is None:
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                levels = _quantized(value(q.input[0]), value(q.input[1]), zero, q)
+        level = max(level, 128 if levels is None else
+                    int(np.abs(levels.astype(np.int32)).max(initial=0)))
     return level
+
+
+def _quantized(weight, scale, zero, q):
+    """What QuantizeLinear ``q`` makes of a constant ``weight`` (None if it is not one)."""
+    if weight is None or scale is None:
+        return None
+    axis = next((a.i for a in q.attribute if a.name == "axis"), 1)
+    if np.ndim(scale) == 1 and weight.ndim > 1:
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    levels = np.rint(weight / scale) + zero.astype(np.float64)
+    return np.clip(levels, -128, 127).astype(np.int8)
 
 
 def cpu_portability_note(model) -> str | None:
