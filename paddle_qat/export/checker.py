@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .onnx_file import load_onnx
+
 INT8_COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "Clip", "HardSwish", "HardSigmoid", "Tanh",
                "Elu", "Selu", "Softplus", "PRelu")
@@ -28,19 +30,11 @@ class Violation:
         return f"rule {self.rule} [{self.node}]: {self.message}"
 
 
-def _load(model_or_path):
-    import onnx
-
-    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-        return onnx.load(str(model_or_path))
-    return model_or_path
-
-
 def check_model(model_or_path) -> list[Violation]:
     """Every rule violation found in the model (an empty list means TensorRT-ready)."""
     from onnx import numpy_helper
 
-    model = _load(model_or_path)
+    model = load_onnx(model_or_path)
     graph = model.graph
     found: list[Violation] = []
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QATError
-
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool",
                "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu")
 
@@ -57,17 +55,11 @@ def _constants(graph) -> dict[str, np.ndarray]:
 
 def summarize(path, target: str = "tensorrt") -> ModelSummary:
     """Precision of every compute node of one ONNX model, and its problems for ``target``."""
-    import onnx
-
+    from .onnx_file import load_onnx
     from .target_check import target_problems
 
     path = Path(path)
-    if not path.is_file():
-        raise QATError(f"ONNX model {path} does not exist")
-    try:
-        model = onnx.load(str(path))
-    except Exception as error:  # onnx raises DecodeError and friends
-        raise QATError(f"cannot read ONNX model {path}: {error}") from None
+    model = load_onnx(path)
     graph = model.graph
     constants = _constants(graph)
     producer = {o: n for n in graph.node for o in n.output}

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QATConfigError, QATError
+from ..export.onnx_file import load_onnx
 
 KERNEL_MODES = ("auto", "fused", "simulated")
 # 2 * 255 * 64 = 32640 fits int16: weight levels up to 64 never saturate a uint8 x int8 pair
@@ -110,7 +111,7 @@ def cpu_portability_note(model) -> str | None:
     """For a model meant for ONNX Runtime's CPU INT8 kernels: ``None`` if its weights stay
     within +-64 (exact INT8 on every CPU), else a note saying where its INT8 kernels are
     exact and what to do elsewhere. A property of the model, whatever CPU asks."""
-    level = weight_level(_load(model))
+    level = weight_level(load_onnx(model))
     if level <= SAFE_WEIGHT_LEVEL:
         return None
     return (f"weights reach +-{level}: ONNX Runtime's INT8 kernels compute this model "
@@ -178,21 +179,6 @@ def int8_kernels_saturate() -> bool:
     return not all(np.array_equal(a, b) for a, b in zip(fused, simulated))
 
 
-def _load(model):
-    import onnx
-
-    if not isinstance(model, (str, Path)):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise QATError(f"ONNX model {path} does not exist")
-    try:
-        return onnx.load(str(path))
-    except Exception as error:  # onnx raises DecodeError and friends
-        raise QATError(f"cannot read ONNX model {path}: {error}. Is the file truncated or "
-                       f"not an ONNX model?") from None
-
-
 def choose_kernels(model, mode: str = "auto") -> KernelChoice:
     """How to run ``model`` (a path or an ``onnx.ModelProto``) so that it computes what it
     says: see the module docstring. ``mode`` is ``auto``, ``fused`` (integer kernels, even
@@ -202,7 +188,7 @@ def choose_kernels(model, mode: str = "auto") -> KernelChoice:
                              f"{list(KERNEL_MODES)}")
     if mode == "simulated":
         return KernelChoice(False, "Q/DQ in float asked for")
-    proto = _load(model)
+    proto = load_onnx(model)
     if not any(node.op_type == "DequantizeLinear" for node in proto.graph.node):
         return KernelChoice(True, "no quantized ops", quantized=False)
     level = weight_level(proto)
@@ -241,7 +227,7 @@ def open_session(model, mode: str = "auto", threads: int | None = None):
     :func:`choose_kernels`); falling back to float Q/DQ is logged once per model."""
     import onnxruntime as ort
 
-    proto = _load(model)
+    proto = load_onnx(model)
     is_path = isinstance(model, (str, Path))
     name = str(model) if is_path else (proto.graph.name or "the ONNX model")
     choice = choose_kernels(proto, mode)
