@@ -180,32 +180,3 @@ def restore_low_precision(program, scope, place, hoisted: dict[str, str] | None 
             holder.get_tensor().set(value, place)
     program._sync_with_cpp()
     return changed
-
-
-def _legacy_any(original):
-    def any_(x, axis=None, keepdim=False, name=None):
-        from paddle.base.framework import Variable, in_pir_mode
-
-        if not isinstance(x, Variable) or in_pir_mode():
-            return original(x, axis=axis, keepdim=keepdim, name=name)
-        from paddle.base.layer_helper import LayerHelper
-
-        helper = LayerHelper("reduce_any", name=name)
-        out = helper.create_variable_for_type_inference(dtype=x.dtype)
-        dims = [] if axis is None else ([axis] if isinstance(axis, int) else list(axis))
-        helper.append_op(type="reduce_any", inputs={"X": x}, outputs={"Out": out},
-                         attrs={"dim": dims, "keep_dim": keepdim, "reduce_all": not dims})
-        return out
-
-    any_._paddle_qat_original = original
-    return any_
-
-
-def install_amp_fix() -> None:
-    """``paddle.any`` in Paddle 3.3.1 only accepts PIR values, so static AMP with more than one
-    group of gradients (pure FP16, or several ranks) fails in ``_check_finite_and_unscale``.
-    Give it back its legacy-IR path (a ``reduce_any`` op)."""
-    import paddle
-
-    if not hasattr(paddle.any, "_paddle_qat_original"):
-        paddle.any = _legacy_any(paddle.any)

@@ -15,10 +15,11 @@ def install() -> None:
     from paddle.distributed.fleet import meta_optimizers
     from paddle.distributed.fleet.base import distributed_strategy, meta_optimizer_factory
 
-    from .amp import install_amp_fix
+    from .legacy_api import install as install_legacy_api
     from .meta_optimizer import QATOptimizer
 
-    install_amp_fix()
+    # paddle.any (static AMP's found-inf check), paddle.matmul, ... on the legacy IR again
+    install_legacy_api()
     # The factory instantiates meta-optimizers by looking their names up in its globals.
     meta_optimizer_factory.QATOptimizer = QATOptimizer
     meta_optimizers.QATOptimizer = QATOptimizer

@@ -95,7 +95,7 @@ def test_amp_qat_quant_state_is_fp32_and_named_like_fp32(level, ranks, gpu_amp_l
 def test_paddles_any_breaks_multi_rank_amp_without_our_fix(gpu_amp_lists, two_ranks,
                                                            monkeypatch):
     """Control for the paddle.any fix: Paddle 3.3.1's own any() only takes PIR values."""
-    monkeypatch.setattr(paddle, "any", paddle.any._paddle_qat_original)
+    monkeypatch.setattr(paddle, "any", paddle.any.__wrapped__)
     with pytest.raises(TypeError, match="must be Value, but got Variable"):
         amp_qat(two_ranks, "O1")
 
