@@ -317,33 +317,52 @@ def _legacy_aware(name: str, paddle_function: Callable, op: LegacyOp | str) -> C
 
 
 def _needs_wrapping(value) -> bool:
-    """Paddle 3.3's C++ binding, or its Python shim: neither takes a legacy Variable."""
+    """Paddle 3.3's C++ binding, or its Python shim: neither takes a legacy Variable (Python's
+    own ``sum`` or ``abs`` is a builtin too, but not Paddle's)."""
     if getattr(value, "_paddle_qat_legacy_op", None) is not None:
         return False  # already ours
-    return (isinstance(value, types.BuiltinFunctionType)
-            or getattr(value, "__module__", None) == _PADDLE_SHIMS)
+    module = getattr(value, "__module__", None) or ""
+    return module == _PADDLE_SHIMS or (isinstance(value, types.BuiltinFunctionType)
+                                       and module.startswith("paddle."))
 
 
-def install() -> list[str]:
-    """Wrap every function of :data:`LEGACY_OPS` that Paddle left without a legacy-IR form,
-    in ``paddle``, ``paddle.tensor``, ``paddle.linalg``, ``paddle.nn.functional`` and as a
-    ``Variable`` method; returns the dotted names wrapped (none on a repeat call)."""
+def _namespaces() -> dict:
+    """Where Paddle's functions are looked up: its public modules, ``Variable`` (methods),
+    and every loaded ``paddle.*`` module, whose own code calls the names it imported
+    (``F.cosine_similarity`` calls the ``sum`` of ``paddle.nn.functional.common``)."""
+    import sys
+
     import paddle
     import paddle.nn.functional as F
     from paddle.base.framework import Variable
 
+    found = {"paddle": paddle, "paddle.tensor": paddle.tensor, "paddle.linalg": paddle.linalg,
+             "paddle.nn.functional": F, "Variable": Variable}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("paddle.") and module is not None and name not in found:
+            found[name] = module
+    return found
+
+
+def install() -> list[str]:
+    """Wrap every function of :data:`LEGACY_OPS` that Paddle left without a legacy-IR form,
+    wherever Paddle's code or a user's finds it (see :func:`_namespaces`); returns the dotted
+    names wrapped (none on a repeat call). One wrapper per Paddle function, so names that were
+    the same object still are."""
+    from paddle.base.framework import Variable
+
     global _VARIABLE
     _VARIABLE = Variable
-    namespaces = {"paddle": paddle, "paddle.tensor": paddle.tensor,
-                  "paddle.linalg": paddle.linalg, "paddle.nn.functional": F,
-                  "Variable": Variable}
+    wrappers: dict[int, Callable] = {}
     wrapped = []
-    for name, op in LEGACY_OPS.items():
-        for label, namespace in namespaces.items():
-            current = namespace.__dict__.get(name) if label == "Variable" else getattr(
-                namespace, name, None)
+    for label, namespace in _namespaces().items():
+        names = vars(namespace)
+        for name, op in LEGACY_OPS.items():
+            current = names.get(name)
             if current is None or not _needs_wrapping(current):
                 continue
-            setattr(namespace, name, _legacy_aware(name, current, op))
+            if id(current) not in wrappers:
+                wrappers[id(current)] = _legacy_aware(name, current, op)
+            setattr(namespace, name, wrappers[id(current)])
             wrapped.append(f"{label}.{name}")
     return wrapped

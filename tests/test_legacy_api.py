@@ -103,6 +103,14 @@ def test_every_function_paddle_left_without_a_legacy_form_is_covered():
     assert names <= set(LEGACY_OPS)
 
 
+def test_paddles_own_functions_that_call_them_work_too():
+    """F.cosine_similarity calls the ``sum`` its module imported, not ``paddle.sum``."""
+    static, op_types = _static(F, "cosine_similarity", [SIGNED[0], OTHER[0]], {"axis": 1})
+    eager = _eager(F, "cosine_similarity", [SIGNED[0], OTHER[0]], {"axis": 1})
+    assert "reduce_sum" in op_types
+    np.testing.assert_allclose(static, eager, rtol=1e-5)
+
+
 def test_variable_methods_and_sum_dtypes():
     main, startup = paddle.static.Program(), paddle.static.Program()
     with paddle.static.program_guard(main, startup):
