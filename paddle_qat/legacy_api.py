@@ -328,8 +328,10 @@ def _needs_wrapping(value) -> bool:
 
 def _namespaces() -> dict:
     """Where Paddle's functions are looked up: its public modules, ``Variable`` (methods),
-    and every loaded ``paddle.*`` module, whose own code calls the names it imported
-    (``F.cosine_similarity`` calls the ``sum`` of ``paddle.nn.functional.common``)."""
+    and every other loaded ``paddle.*`` module, whose own code calls the names it imported
+    (``F.cosine_similarity`` calls the ``sum`` of ``paddle.nn.functional.common``). Not the
+    bindings themselves (``paddle._C_ops``, ``paddle.base.libpaddle``): Paddle's shims and
+    eager internals call them, and a second wrapper there would only cost time."""
     import sys
 
     import paddle
@@ -339,7 +341,9 @@ def _namespaces() -> dict:
     found = {"paddle": paddle, "paddle.tensor": paddle.tensor, "paddle.linalg": paddle.linalg,
              "paddle.nn.functional": F, "Variable": Variable}
     for name, module in list(sys.modules.items()):
-        if name.startswith("paddle.") and module is not None and name not in found:
+        private = any(part.startswith("_") for part in name.split("."))
+        if (name.startswith("paddle.") and not private and module is not None
+                and not name.startswith("paddle.base.libpaddle") and name not in found):
             found[name] = module
     return found
 
