@@ -94,6 +94,40 @@ def test_static_function_builds_its_legacy_op_and_computes_what_eager_paddle_doe
     np.testing.assert_allclose(static, eager, rtol=1e-5, atol=1e-6)
 
 
+# the argument forms most likely to be mapped wrong: dtypes, all-axis reductions, vectors
+ARGUMENT_FORMS = {
+    "argmax, paddle dtype, keepdim": lambda x: paddle.argmax(x, 1, True, dtype=paddle.int32),
+    "argmin, string dtype": lambda x: paddle.argmin(x, axis=-1, dtype="int32"),
+    "sum, paddle dtype": lambda x: paddle.sum(x, dtype=paddle.float64),
+    "sum, all axes, keepdim": lambda x: paddle.sum(x, keepdim=True),
+    "amax, axis tuple": lambda x: paddle.amax(x, axis=(0, 1)),
+    "logsumexp, all axes": lambda x: paddle.logsumexp(x),
+    "roll, flattened": lambda x: paddle.roll(x, 3),
+    "roll, two axes": lambda x: paddle.roll(x, [1, -1], axis=[0, 2]),
+    "matmul, matrix x vector": lambda x: paddle.matmul(x, x[0, 0]),
+    "matmul, transpose_x": lambda x: paddle.linalg.matmul(x, x, transpose_x=True),
+    "Variable method": lambda x: x.argmax(axis=0),
+    "round, decimals": lambda x: paddle.round(x, decimals=2),
+}
+
+
+@pytest.mark.parametrize("form", sorted(ARGUMENT_FORMS))
+def test_argument_forms_match_eager(form):
+    build = ARGUMENT_FORMS[form]
+    main = paddle.static.Program()
+    with paddle.static.program_guard(main, paddle.static.Program()):
+        out = build(paddle.static.data("x", list(SIGNED.shape), "float32"))
+    (static,) = paddle.static.Executor(paddle.CPUPlace()).run(main, feed={"x": SIGNED},
+                                                              fetch_list=[out])
+    paddle.disable_static()
+    try:
+        eager = build(paddle.to_tensor(SIGNED)).numpy()
+    finally:
+        paddle.enable_static()
+    assert static.dtype == eager.dtype and static.shape == eager.shape
+    np.testing.assert_allclose(static, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_every_function_paddle_left_without_a_legacy_form_is_covered():
     shims = pytest.importorskip("paddle.base.dygraph.generated_tensor_methods_patch")
     names = {name for name, _ in getattr(shims, "funcs_map", []) + getattr(shims, "nn_funcs_map",
