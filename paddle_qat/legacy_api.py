@@ -1,6 +1,6 @@
 """Paddle functions that Paddle 3.3 dropped from the legacy program IR, put back.
 
-Paddle 3.3 moved 58 functions (``paddle.matmul``, ``paddle.sum``, ``paddle.exp``,
+Paddle 3.3 moved 56 functions (``paddle.matmul``, ``paddle.sum``, ``paddle.exp``,
 ``paddle.sigmoid``, ``F.gelu``, ``F.softplus``, the same methods of a static ``Variable``,
 ...) into C++ bindings that take eager Tensors and PIR Values only. On the legacy IR, which
 fleet's static ``minimize`` and the quant passes need, each of them raised a pybind error
