@@ -332,17 +332,19 @@ def _namespaces() -> dict:
     (``F.cosine_similarity`` calls the ``sum`` of ``paddle.nn.functional.common``). Not the
     bindings themselves (``paddle._C_ops``, ``paddle.base.libpaddle``): Paddle's shims and
     eager internals call them, and a second wrapper there would only cost time."""
+    import importlib
     import sys
 
-    import paddle
-    import paddle.nn.functional as F
     from paddle.base.framework import Variable
 
-    found = {"paddle": paddle, "paddle.tensor": paddle.tensor, "paddle.linalg": paddle.linalg,
-             "paddle.nn.functional": F, "Variable": Variable}
+    # by module name: the attribute paddle.tensor is a function (paddle.tensor(data)), while
+    # Paddle's own code (nn.MultiHeadAttention) calls the module's tensor.matmul
+    found = {name: importlib.import_module(name)
+             for name in ("paddle", "paddle.tensor", "paddle.linalg", "paddle.nn.functional")}
+    found["Variable"] = Variable
     for name, module in list(sys.modules.items()):
         private = any(part.startswith("_") for part in name.split("."))
-        if (name.startswith("paddle.") and not private and module is not None
+        if (name.startswith("paddle.") and not private and isinstance(module, types.ModuleType)
                 and not name.startswith("paddle.base.libpaddle") and name not in found):
             found[name] = module
     return found

@@ -145,6 +145,31 @@ def test_paddles_own_functions_that_call_them_work_too():
     np.testing.assert_allclose(static, eager, rtol=1e-5)
 
 
+def test_paddles_transformer_layer_builds_and_computes_what_eager_paddle_does(fresh_scope):
+    """nn.MultiHeadAttention calls ``tensor.matmul`` of the module ``paddle.tensor`` (the
+    attribute ``paddle.tensor`` is a function in Paddle 3.3)."""
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup):
+        layer = paddle.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        out = layer(paddle.static.data("q", [2, 5, 8], "float32"))
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    exe.run(startup)
+    tokens = RNG.normal(size=(2, 5, 8)).astype("float32")
+    (static,) = exe.run(main, feed={"q": tokens}, fetch_list=[out])
+    weights = [np.array(fresh_scope.find_var(p.name).get_tensor()) for p in layer.parameters()]
+    assert "matmul_v2" in {op.type for op in main.global_block().ops}
+
+    paddle.disable_static()
+    try:
+        eager_layer = paddle.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        for parameter, value in zip(eager_layer.parameters(), weights):
+            parameter.set_value(value)
+        eager = eager_layer(paddle.to_tensor(tokens)).numpy()
+    finally:
+        paddle.enable_static()
+    np.testing.assert_allclose(static, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_variable_methods_and_sum_dtypes():
     main, startup = paddle.static.Program(), paddle.static.Program()
     with paddle.static.program_guard(main, startup):
