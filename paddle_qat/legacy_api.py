@@ -198,7 +198,11 @@ def _reduction(op_type: str, out_dtype: str = "same") -> LegacyOp:
                     attrs=_reduce_attrs("dim", "keep_dim"), out_dtype=out_dtype)
 
 
-_ELEMENTWISE = {"axis": -1}
+
+
+def _elementwise(args: dict) -> dict:
+    return {"axis": -1}  # a new dict each call: Paddle's Operator writes op_role into it
+
 _UNARY = ("abs", "acos", "acosh", "asin", "atanh", "ceil", "cos", "cosh", "exp", "expm1",
           "floor", "log", "log10", "log1p", "log2", "rsqrt", "sigmoid", "sign", "sin", "sinh",
           "sqrt", "tanh")
@@ -211,9 +215,9 @@ LEGACY_OPS: dict[str, LegacyOp | str] = {
     "isfinite": _unary("isfinite_v2", "bool"),
     "round": LegacyOp("round", {"x": _REQUIRED, "decimals": 0, "name": None},
                       attrs=lambda a: {"decimals": int(a["decimals"])}),
-    "multiply": _binary("elementwise_mul", attrs=lambda a: _ELEMENTWISE),
-    "maximum": _binary("elementwise_max", attrs=lambda a: _ELEMENTWISE),
-    "minimum": _binary("elementwise_min", attrs=lambda a: _ELEMENTWISE),
+    "multiply": _binary("elementwise_mul", attrs=_elementwise),
+    "maximum": _binary("elementwise_max", attrs=_elementwise),
+    "minimum": _binary("elementwise_min", attrs=_elementwise),
     "greater_than": _binary("greater_than", "bool"),
     "dot": _binary("dot"),
     "bmm": _binary("bmm"),

@@ -256,6 +256,35 @@ def test_a_numpy_operand_next_to_a_variable_gets_a_clear_error():
             paddle.matmul(x, np.ones((3, 2), "float32"))
         with pytest.raises(TypeError, match="unexpected keyword argument 'axes'"):
             paddle.sum(x, axes=1)
+        with pytest.raises(LegacyIRRequiredError, match="Variable axis .* pass the axes as ints"):
+            paddle.sum(x, axis=paddle.static.data("axis", [1], "int64"))
+        with pytest.raises(LegacyIRRequiredError, match="out= has no legacy-IR form"):
+            paddle.logical_not(x > 0, out=x > 0)
+
+
+def test_paddle_functions_still_take_pir_values_when_the_user_chose_pir():
+    """The wrappers only divert legacy Variables: with FLAGS_enable_pir_api=1 set by the
+    user, paddle.sum and paddle.matmul on PIR values are Paddle's own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import paddle_qat, paddle, numpy as np\n"
+              "paddle.enable_static()\n"
+              "main = paddle.static.Program()\n"
+              "with paddle.static.program_guard(main):\n"
+              "    x = paddle.static.data('x', [2, 3], 'float32')\n"
+              "    out = paddle.sum(paddle.matmul(x, x, transpose_y=True), axis=1)\n"
+              "(value,) = paddle.static.Executor().run(main, feed={'x': np.ones((2, 3), "
+              "'float32')}, fetch_list=[out])\n"
+              "print('PIR', type(x).__name__, value.tolist())\n")
+    env = {**os.environ, "FLAGS_enable_pir_api": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "PIR Value [6.0, 6.0]" in done.stdout
 
 
 def test_eager_calls_reach_paddle_unchanged_and_install_is_idempotent():
