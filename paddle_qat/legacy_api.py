@@ -12,7 +12,9 @@ Variable``: a model using any of them could not be built for static QAT at all.
 ``reduce_sum``, ``gelu``, ...), which the quant passes and ``append_backward`` know; called
 with anything else, it is Paddle's own function, unchanged. The one function with no such op
 (``index_put``) raises :class:`~paddle_qat.errors.LegacyIRRequiredError` naming it and what to
-use instead. A Paddle whose functions still build legacy ops is left as it is.
+use instead. Two Python functions call their binding in every mode and are handled the same
+way: ``paddle.median`` and ``paddle.linalg.svdvals``. A Paddle whose functions still build
+legacy ops is left as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ _REQUIRED = object()
 _VARIABLE: type = type(None)  # paddle.base.framework.Variable, once install() ran
 # The module of the Python shims Paddle 3.3 puts in front of the C++ bindings
 _PADDLE_SHIMS = "paddle.base.dygraph.generated_tensor_methods_patch"
+# Python functions of Paddle 3.3.1 that call their binding in every mode, legacy IR included
+_BINDING_CALLERS = frozenset({"paddle.tensor.stat.median", "paddle.tensor.linalg.svdvals"})
 
 
 def _no_attrs(args: dict) -> dict:
@@ -40,7 +44,9 @@ class LegacyOp:
     ``params``: the function's parameters in order, with defaults (``_REQUIRED`` for none);
     ``inputs``: op input slot -> the parameter holding that tensor; ``attrs``: the op's
     attributes from the bound arguments; ``out_dtype``: ``"same"`` (the first input's),
-    ``"bool"``, or the parameter naming it; ``prepare``: rewrites the bound arguments first.
+    ``"bool"``, or the parameter naming it; ``prepare``: rewrites the bound arguments first;
+    ``index_slot`` and ``result``: an int64 index output, and what the call returns from the
+    bound arguments, the output and the index (by default the output alone).
     """
 
     op_type: str
@@ -50,6 +56,8 @@ class LegacyOp:
     out_dtype: str = "same"
     out_slot: str = "Out"
     prepare: Callable[[dict], dict] | None = None
+    index_slot: str | None = None  # a second output, int64 indices (median's)
+    result: Callable[[dict, object, object], object] | None = None  # (bound, out, index)
 
     def bind(self, function: str, args: tuple, kwargs: dict) -> dict:
         names = list(self.params)
@@ -84,9 +92,15 @@ class LegacyOp:
             dtype = _var_type("bool" if self.out_dtype == "bool" else bound[self.out_dtype])
         helper = LayerHelper(self.op_type, name=bound.get("name"))
         out = helper.create_variable_for_type_inference(dtype=dtype)
-        helper.append_op(type=self.op_type, inputs=inputs, outputs={self.out_slot: [out]},
+        outputs = {self.out_slot: [out]}
+        index = None
+        if self.index_slot is not None:
+            index = helper.create_variable_for_type_inference(dtype=_var_type("int64"))
+            index.stop_gradient = True
+            outputs[self.index_slot] = [index]
+        helper.append_op(type=self.op_type, inputs=inputs, outputs=outputs,
                          attrs=self.attrs(bound))
-        return out
+        return out if self.result is None else self.result(bound, out, index)
 
 
 def _var_type(dtype):
@@ -172,6 +186,24 @@ def _arg_attrs(args: dict) -> dict:
             "dtype": int(dtype if _is_var_type(dtype) else convert_np_dtype_to_proto_type(dtype))}
 
 
+def _median_prepare(args: dict) -> dict:
+    """As ``paddle.median``: the average of the two middle values is taken in float32 (or
+    float64); ``mode="min"`` takes the lower one, with its index."""
+    from paddle.base import core
+
+    if args["mode"] not in ("avg", "min"):
+        raise ValueError(f"paddle.median: mode {args['mode']!r} is not supported; use 'avg' "
+                         f"or 'min'")
+    x = args["x"]
+    if args["mode"] == "avg" and x.dtype != core.VarDesc.VarType.FP64:
+        x = _cast(x, "float32")
+    return {**_no_out(args), "x": x}
+
+
+def _median_result(args: dict, out, index):
+    return (out, index) if args["mode"] == "min" and args["axis"] is not None else out
+
+
 def _roll_attrs(args: dict) -> dict:
     shifts = args["shifts"]
     return {"shifts": [int(shifts)] if isinstance(shifts, int) else [int(s) for s in shifts],
@@ -198,10 +230,9 @@ def _reduction(op_type: str, out_dtype: str = "same") -> LegacyOp:
                     attrs=_reduce_attrs("dim", "keep_dim"), out_dtype=out_dtype)
 
 
-
-
 def _elementwise(args: dict) -> dict:
     return {"axis": -1}  # a new dict each call: Paddle's Operator writes op_role into it
+
 
 _UNARY = ("abs", "acos", "acosh", "asin", "atanh", "ceil", "cos", "cosh", "exp", "expm1",
           "floor", "log", "log10", "log1p", "log2", "rsqrt", "sigmoid", "sign", "sin", "sinh",
@@ -276,6 +307,13 @@ LEGACY_OPS: dict[str, LegacyOp | str] = {
                             lambda a: {"mode": a["mode"], "padding_mode": a["padding_mode"],
                                        "align_corners": bool(a["align_corners"])},
                             out_slot="Output"),
+    "svdvals": LegacyOp("svdvals", {"x": _REQUIRED, "name": None}, {"x": "x"}, out_slot="s"),
+    "median": LegacyOp("median", {"x": _REQUIRED, "axis": None, "keepdim": False, "mode": "avg",
+                                  "name": None, "out": None}, {"x": "x"},
+                       lambda a: {"axis": _axes(a["axis"], "median"),
+                                  "keepdim": bool(a["keepdim"]), "mode": a["mode"]},
+                       out_slot="out", prepare=_median_prepare, index_slot="medians",
+                       result=_median_result),
     "index_put": "paddle.scatter_nd_add or paddle.scatter",
     "index_put_": "paddle.scatter_nd_add or paddle.scatter",
 }
@@ -321,13 +359,15 @@ def _legacy_aware(name: str, paddle_function: Callable, op: LegacyOp | str) -> C
 
 
 def _needs_wrapping(value) -> bool:
-    """Paddle 3.3's C++ binding, or its Python shim: neither takes a legacy Variable (Python's
-    own ``sum`` or ``abs`` is a builtin too, but not Paddle's)."""
+    """Paddle 3.3's C++ binding, its Python shim, or a Python function that calls the binding
+    in every mode: none takes a legacy Variable (Python's own ``sum`` or ``abs`` is a builtin
+    too, but not Paddle's)."""
     if getattr(value, "_paddle_qat_legacy_op", None) is not None:
         return False  # already ours
     module = getattr(value, "__module__", None) or ""
-    return module == _PADDLE_SHIMS or (isinstance(value, types.BuiltinFunctionType)
-                                       and module.startswith("paddle."))
+    return (module == _PADDLE_SHIMS
+            or f"{module}.{getattr(value, '__name__', '')}" in _BINDING_CALLERS
+            or (isinstance(value, types.BuiltinFunctionType) and module.startswith("paddle.")))
 
 
 def _namespaces() -> dict:

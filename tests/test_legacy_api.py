@@ -57,6 +57,8 @@ CASES = {
     "softplus": (F, [SIGNED * 10], {"beta": 2, "threshold": 5}),
     "grid_sample": (F, [SIGNED[:, None, :, :3].repeat(2, 1),
                         np.tanh(OTHER.reshape(2, 2, 3, 2))], {}),
+    "svdvals": (paddle.linalg, [SIGNED], {}),
+    "median": (paddle, [SIGNED], {"axis": 1}),
 }
 
 
@@ -108,6 +110,8 @@ ARGUMENT_FORMS = {
     "matmul, transpose_x": lambda x: paddle.linalg.matmul(x, x, transpose_x=True),
     "Variable method": lambda x: x.argmax(axis=0),
     "round, decimals": lambda x: paddle.round(x, decimals=2),
+    "median, all axes, keepdim": lambda x: paddle.median(x, keepdim=True),
+    "median, min mode, its indices": lambda x: paddle.median(x, axis=2, mode="min")[1],
 }
 
 
