@@ -16,10 +16,12 @@ def install() -> None:
     from paddle.distributed.fleet.base import distributed_strategy, meta_optimizer_factory
 
     from .legacy_api import install as install_legacy_api
+    from .legacy_branches import install as install_legacy_branches
     from .meta_optimizer import QATOptimizer
 
     # paddle.any (static AMP's found-inf check), paddle.matmul, ... on the legacy IR again
     install_legacy_api()
+    install_legacy_branches()  # F.normalize, paddle.fft, ... whose legacy code is broken
     # The factory instantiates meta-optimizers by looking their names up in its globals.
     meta_optimizer_factory.QATOptimizer = QATOptimizer
     meta_optimizers.QATOptimizer = QATOptimizer
