@@ -218,6 +218,25 @@ def test_gradients_through_the_legacy_ops_match_eager():
     np.testing.assert_allclose(static_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_median_trains_like_eager():
+    """paddle.median calls its binding in every mode; on the legacy IR it is the legacy
+    ``median`` op again, gradient included (half to each of the two middle values)."""
+    data = RNG.normal(size=(3, 4)).astype("float32")
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup):
+        x = paddle.static.data("x", [3, 4], "float32")
+        x.stop_gradient = False
+        median = paddle.median(x, axis=1)
+        (grad,) = paddle.static.gradients([paddle.sum(median)], [x])
+    value, gradient = paddle.static.Executor(paddle.CPUPlace()).run(
+        main, feed={"x": data}, fetch_list=[median, grad])
+    np.testing.assert_allclose(value, np.median(data, axis=1), rtol=1e-6)
+    middle = np.argsort(data, axis=1)[:, 1:3]
+    expected = np.zeros_like(data)
+    np.put_along_axis(expected, middle, 0.5, axis=1)
+    np.testing.assert_array_equal(gradient, expected)
+
+
 def test_fleet_qat_quantizes_and_trains_a_model_written_with_paddle_matmul(single_rank):
     main, startup = paddle.static.Program(), paddle.static.Program()
     with paddle.static.program_guard(main, startup):
