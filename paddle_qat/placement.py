@@ -64,6 +64,20 @@ def activation_quantizers(block) -> list:
     return found
 
 
+def _dequantizers_by_input(block) -> dict[str, list]:
+    """The dequantize_linear ops of ``block`` by the quantized tensor they read. Paddle's
+    passes can write two identical Q/DQ pairs under one name (a tensor read by a conv and,
+    for ONNX Runtime's placement, by an add: ResNet18's stem pool), so a name maps to all its
+    dequantizers; changing only the last one left the other dequantizing with the old scale
+    and range (measured: ResNet18 trained for ONNX Runtime dequantized its stem pool's output
+    with the initial scale, thousands of times too small)."""
+    found: dict[str, list] = {}
+    for op in block.ops:
+        if op.type == "dequantize_linear":
+            found.setdefault(op.input("X")[0], []).append(op)
+    return found
+
+
 def _rename(op, old: str, new: str) -> None:
     if old in op.input_arg_names:
         op._rename_input(old, new)
@@ -102,7 +116,7 @@ def share_scales(program) -> list[tuple[str, ...]]:
     for q in activation_quantizers(block):
         members.setdefault(groups.find(q.input("X")[0]), []).append(q)
 
-    dequantizers = {op.input("X")[0]: op for op in block.ops if op.type == "dequantize_linear"}
+    dequantizers = _dequantizers_by_input(block)
     merged = []
     for quantizers in members.values():
         if len(quantizers) < 2:
@@ -116,8 +130,7 @@ def share_scales(program) -> list[tuple[str, ...]]:
                     continue
                 old, new = q.input(slot)[0], keep.input(slot)[0]
                 _rename(q, old, new)
-                dq = dequantizers.get(q.output("Y")[0])
-                if dq is not None:
+                for dq in dequantizers.get(q.output("Y")[0], []):
                     _rename(dq, old, new)
                 if not any(old in op.input_arg_names + op.output_arg_names for op in block.ops):
                     block._remove_var(old)
@@ -209,7 +222,7 @@ def use_unsigned_ranges(program) -> list[str]:
     by_scale: dict[str, list] = {}
     for q in activation_quantizers(block):
         by_scale.setdefault(q.input("Scale")[0], []).append(q)
-    dequantizers = {op.input("X")[0]: op for op in block.ops if op.type == "dequantize_linear"}
+    dequantizers = _dequantizers_by_input(block)
     unsigned = []
     for scale, quantizers in by_scale.items():
         if not all(q.input("X")[0] in non_negative for q in quantizers):
@@ -218,9 +231,7 @@ def use_unsigned_ranges(program) -> list[str]:
             continue  # already unsigned
         for q in quantizers:
             bits = int(q.attr("bit_length"))
-            for op in (q, dequantizers.get(q.output("Y")[0])):
-                if op is None:
-                    continue
+            for op in (q, *dequantizers.get(q.output("Y")[0], [])):
                 op._set_attr("bit_length", bits + 1)
                 op._set_attr("qmin", 0)
                 op._set_attr("qmax", 2 ** bits - 1)
@@ -256,30 +267,45 @@ def _quantized_source(name: str, made_by: dict):
 # parameter: a bias add, a per-channel scale, AMP's loss scaling.
 _PARAMETER_OPS = ("elementwise_add", "elementwise_add_grad", "elementwise_mul",
                   "elementwise_mul_grad")
+# What a parameter may be read through and still be one: Paddle 3's nn.Conv2D adds its bias
+# as reshape2(bias) to [1, C, 1, 1]; under AMP a cast comes first
+_PARAMETER_VIEWS = ("cast", "reshape2", "reshape", "unsqueeze2", "unsqueeze", "squeeze2",
+                    "squeeze")
+
+
+def parameter_behind(name: str, block, made_by: dict) -> str | None:
+    """The persistable variable that tensor ``name`` is, read through casts (AMP), reshapes
+    (Paddle 3's ``nn.Conv2D`` bias) or a Q/DQ a pass put there; None for data."""
+    found = _quantized_source(name, made_by)
+    if found is not None:
+        name = found[0]
+    seen = set()
+    op = made_by.get(name)
+    while op is not None and op.type in _PARAMETER_VIEWS and name not in seen:
+        seen.add(name)
+        name = op.input("X")[0]
+        op = made_by.get(name)
+    var = block._find_var_recursive(name)
+    return name if var is not None and var.persistable else None
 
 
 def unquantize_parameter_ops(program) -> list[str]:
-    """Remove the Q/DQ that Paddle's activation pass puts on the data input of an
-    ``elementwise_add`` / ``elementwise_mul`` whose other input is a parameter (a bias after
-    ``mul`` or ``conv2d``, a scale, AMP's loss scaling). Such an op belongs to the op before it
-    and is no join of two tensors: quantizing there adds a rounding no runtime needs, keeps
+    """Remove the Q/DQ that Paddle's passes put on an input of an ``elementwise_add`` /
+    ``elementwise_mul`` whose other input is a parameter (a bias after ``mul`` or ``conv2d``,
+    a scale, AMP's loss scaling): the activation pass quantizes its data input, and for
+    TensorRT's placement the residual pass takes a reshaped conv bias (Paddle 3's
+    ``nn.Conv2D``) for the identity branch. Such an op belongs to the op before it and is no
+    join of two tensors: quantizing there adds a rounding no runtime needs, keeps TensorRT and
     ONNX Runtime from fusing the bias, and under AMP would quantize the loss. Returns the
     tensors given back their float reads."""
     block = program.global_block()
     made_by = {name: op for op in block.ops for name in op.output_arg_names}
 
-    def is_parameter(name):  # under AMP a parameter is read through a cast
-        op = made_by.get(name)
-        if op is not None and op.type == "cast":
-            name = op.input("X")[0]
-        var = block._find_var_recursive(name)
-        return var is not None and var.persistable
-
     restored, chains = [], []
     for op in block.ops:
         if op.type not in _PARAMETER_OPS:
             continue
-        if not any(is_parameter(n) for n in op.input("X") + op.input("Y")):
+        if not any(parameter_behind(n, block, made_by) for n in op.input("X") + op.input("Y")):
             continue
         for name in op.input("X") + op.input("Y"):
             found = _quantized_source(name, made_by)
