@@ -303,8 +303,7 @@ def quantize_program(
     _fix_weight_axes(program, scope, place)
     _set_integer_ranges(program)
     _stable_state_names(program, scope, place)
-    if config.target == "onnxruntime":
-        unquantize_parameter_ops(program)
+    unquantize_parameter_ops(program)
     if config.share_scales:
         share_scales(program)
     if config.unsigned_activations:
