@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QATError, UnsupportedOpError
+from ..placement import parameter_behind
 from .atomic import atomic_path
 from .qdq_insert import insert_qdq
 from .quant_map import QuantEdge, read_quant_edges, strip_quant_ops
@@ -47,36 +48,67 @@ def _check(model, target: str) -> None:
 
 def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
     """``edges`` with each tensor under its ONNX name. paddle2onnx keeps Paddle's names
-    except for some op outputs: a conv's bias add is folded into the Conv, which keeps the
-    conv's output name; a concat output becomes ``Concat.1``, the output of the ONNX node that
-    reads exactly the Paddle producer's inputs."""
+    except for some op outputs: a conv's bias add (of the bias or, from Paddle 3's
+    ``nn.Conv2D``, of its reshape) is folded into the Conv, which keeps the conv's output
+    name; a concat output becomes ``Concat.1`` and a relu6 output ``Clip.3``,
+    the output of the ONNX node that reads exactly the Paddle producer's data inputs (besides
+    constants such as Clip's bounds), under their ONNX names: in a chain of residual adds
+    (MobileNetV2) the second add reads the first one's ``Add.3``."""
     import dataclasses
 
-    produced = {o for n in model.graph.node for o in n.output}
+    constants = ({o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+                 | {t.name for t in model.graph.initializer})
+    produced = {o for n in model.graph.node for o in n.output} - constants
     known = produced | {i.name for i in model.graph.input}
     block = float_program.global_block()
     made_by = {out: op for op in block.ops for out in op.output_arg_names}
     onnx_producer = {o: n for n in model.graph.node for o in n.output}
-    renamed = []
-    for edge in edges:
-        op = made_by.get(edge.tensor)
-        if edge.tensor in known or edge.is_weight or op is None:
-            renamed.append(edge)
-            continue
+    # the candidates: nodes with an output of paddle2onnx's own naming (an output that kept a
+    # Paddle name is that Paddle op's counterpart, not a renamed tensor's)
+    paddle_names = set(block.vars)
+    data_inputs = [(n, [i for i in n.input if i in known]) for n in model.graph.node
+                   if n.output and n.output[0] not in paddle_names]
+    onnx_name: dict[str, str | None] = {}
+
+    def resolve(tensor: str) -> str | None:
+        """``tensor``'s ONNX name, or None where no single ONNX tensor is it."""
+        if tensor in known:
+            return tensor
+        if tensor not in onnx_name:
+            onnx_name[tensor] = None  # a cycle cannot resolve
+            onnx_name[tensor] = counterpart(made_by.get(tensor))
+        return onnx_name[tensor]
+
+    def counterpart(op) -> str | None:
+        if op is None:
+            return None
+        if _identity_in_inference(op):  # paddle2onnx writes no node for it
+            return resolve(op.input("X")[0])
         if op.type == "elementwise_add":  # a bias add paddle2onnx folded into its Conv
-            params = [n for n in op.input_arg_names if block._find_var_recursive(n).persistable]
-            data = [n for n in op.input_arg_names if n not in params]
-            node = onnx_producer.get(data[0]) if params and len(data) == 1 else None
-            if node is not None and params[0] in node.input:
-                renamed.append(dataclasses.replace(edge, tensor=data[0]))
-                continue
-        inputs = [name for name in op.input_arg_names if name in known]
-        matches = [n for n in model.graph.node
-                   if inputs and [i for i in n.input if i in known] == inputs]
-        # No single counterpart: keep the name; insert_qdq refuses it, naming the op.
-        renamed.append(dataclasses.replace(edge, tensor=matches[0].output[0])
-                       if len(matches) == 1 else edge)
-    return renamed
+            params = {n: parameter_behind(n, block, made_by) for n in op.input_arg_names}
+            data = [n for n, param in params.items() if param is None]
+            bias = [param for param in params.values() if param is not None]
+            node = onnx_producer.get(data[0]) if bias and len(data) == 1 else None
+            if node is not None and bias[0] in node.input:
+                return data[0]
+        inputs = [resolve(name) for name in op.input_arg_names]
+        inputs = [name for name in inputs if name in known]
+        matches = [n for n, reads in data_inputs if inputs and reads == inputs]
+        return matches[0].output[0] if len(matches) == 1 else None
+
+    # No single counterpart: keep the name; insert_qdq refuses it, naming the op.
+    return [edge if edge.is_weight else
+            dataclasses.replace(edge, tensor=resolve(edge.tensor) or edge.tensor)
+            for edge in edges]
+
+
+def _identity_in_inference(op) -> bool:
+    """Paddle ops that compute their input unchanged in an eval program: ``assign``, and
+    ``dropout`` scaled in training (``upscale_in_train``, ``paddle.nn.Dropout``'s default)."""
+    if op.type == "assign":
+        return True
+    return (op.type == "dropout" and op.attr("is_test")
+            and op.attr("dropout_implementation") == "upscale_in_train")
 
 
 def _computing(program, fetch_names) -> set[str]:
