@@ -34,6 +34,7 @@ ONNX_CONSUMERS: dict[str, frozenset[str]] = {
     "sigmoid": frozenset({"Sigmoid"}),
     "leaky_relu": frozenset({"LeakyRelu"}),
     "hard_swish": frozenset({"HardSwish"}),
+    "hard_sigmoid": frozenset({"HardSigmoid"}),
 }
 
 
