@@ -25,6 +25,7 @@ SCALE_SHARING_OPS: dict[str, tuple[str, ...]] = {
     "flatten_contiguous_range": ("X",),
     "squeeze2": ("X",),
     "unsqueeze2": ("X",),
+    "split": ("X",),  # every output (ShuffleNetV2's channel split)
 }
 _OUTPUT_SLOT = "Out"
 # Each is read and written under one name (OutScale is Scale, ...), so renaming the input
@@ -97,10 +98,10 @@ def share_scales(program) -> list[tuple[str, ...]]:
         if slots is None or int(op.attr("op_role")) not in (0, 256) or \
                 _OUTPUT_SLOT not in op.output_names:
             continue  # forward ops only: their grads and optimizer ops are not data
-        (output,) = op.output(_OUTPUT_SLOT)[:1] or (None,)
         for slot in slots:
             for name in op.input(slot):
-                groups.join(name, output)
+                for output in op.output(_OUTPUT_SLOT):
+                    groups.join(name, output)
     # A quantizer's input is itself an op output, e.g. the concat's own input tensors;
     # after the pass, concat reads the dequantized copies: follow them back to the source.
     made_by = {name: op for op in block.ops for name in op.output_arg_names}

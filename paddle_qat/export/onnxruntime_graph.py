@@ -16,9 +16,10 @@ it from matching in five places, each rewritten here without changing what is co
    unit). A conv channel whose bias would overflow int32 (gamma near 0) gets a coarser
    weight scale, see :func:`_fit_bias`.
 3. ``op -> QuantizeLinear`` where ``op`` is MaxPool or a data-movement op (quantization
-   commutes with them exactly) and the quantizer is the op's only reader: the same Q/DQ is put
-   on the op's input too, so the op before it ends in a quantizer and ONNX Runtime moves the
-   op itself to INT8.
+   commutes with them exactly; a Split when every output has such a quantizer, as in
+   ShuffleNetV2's channel shuffle) and the quantizer is the op's only reader: the same Q/DQ is
+   put on the op's input too, so the op before it ends in a quantizer and ONNX Runtime moves
+   the op itself to INT8.
 4. ``Relu -> QuantizeLinear`` with zero point 0 (an unsigned quantizer): the quantizer's
    saturation at 0 is the ReLU, so it reads the ReLU's input and the ReLU goes (ONNX Runtime
    would otherwise fuse Conv + Relu into a float ``FusedConv`` first).
@@ -41,7 +42,8 @@ from ..errors import QATError
 from .qdq_insert import sort_nodes
 
 # Ops Q(op(x)) == Q(op(DQ(Q(x)))) holds for: monotone selections and pure data movement.
-COMMUTING_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
+COMMUTING_OPS = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                           "Split"})
 
 
 class _Graph:
@@ -248,8 +250,9 @@ def _same_quantizers(g: _Graph, nodes) -> bool:
 
 
 def quantize_through_commuting_ops(model) -> int:
-    """Put each quantizer that is the only reader of a MaxPool / data-movement output on that
-    op's input as well (see the module doc); returns how many Q/DQ pairs were added."""
+    """Put each quantizer that is the only reader of a MaxPool / data-movement output (of
+    every output of a Split, all with one scale) on that op's input as well (see the module
+    doc); returns how many Q/DQ pairs were added."""
     from onnx import helper
 
     g = _Graph(model)
@@ -261,8 +264,10 @@ def quantize_through_commuting_ops(model) -> int:
             if node.op_type not in COMMUTING_OPS:
                 continue
             source = node.input[0]
-            quantizers = g.consumers[node.output[0]]
-            if g.dequantizer(source) is not None or not _same_quantizers(g, quantizers):
+            readers = [g.consumers[out] for out in node.output]  # Split has several outputs
+            quantizers = [q for group in readers for q in group]
+            if g.dequantizer(source) is not None or not all(readers) or \
+                    not _same_quantizers(g, quantizers):
                 continue
             q = quantizers[0]
             tag = f"{source}.{node.name}"
