@@ -63,3 +63,28 @@ def fake_quant(x: np.ndarray, scale: np.ndarray, bits: int = 8, axis: int | None
         scale = scale.reshape(shape)
     q = np.clip(np.round(qmax * (np.float32(1) / scale) * x), -qmax - 1, qmax)
     return (q * scale / qmax).astype(np.float32)
+
+
+def weight_gradients(loss_of, features: np.ndarray, weight: np.ndarray):
+    """d loss_of(x, w) / d w at ``features`` and ``weight``, computed twice: by a legacy
+    static program (``paddle.static.gradients``) and by eager Paddle; (static, eager)."""
+    import paddle
+
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup):
+        x = paddle.static.data("x", [None, *features.shape[1:]], "float32")
+        w = paddle.static.create_parameter(
+            list(weight.shape), "float32",
+            default_initializer=paddle.nn.initializer.Assign(weight))
+        (grad,) = paddle.static.gradients([loss_of(x, w)], [w])
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    exe.run(startup)
+    (static,) = exe.run(main, feed={"x": features}, fetch_list=[grad])
+
+    paddle.disable_static()
+    try:
+        w_eager = paddle.to_tensor(weight, stop_gradient=False)
+        loss_of(paddle.to_tensor(features), w_eager).backward()
+        return static, w_eager.grad.numpy()
+    finally:
+        paddle.enable_static()

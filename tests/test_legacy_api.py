@@ -9,6 +9,7 @@ import pytest
 from paddle_qat import legacy_api
 from paddle_qat.errors import LegacyIRRequiredError
 from paddle_qat.legacy_api import LEGACY_OPS, LegacyOp
+from program_tools import weight_gradients
 
 RNG = np.random.default_rng(0)
 UNIT = RNG.uniform(0.1, 0.9, (2, 3, 4)).astype("float32")  # inside every unary op's domain
@@ -198,23 +199,7 @@ def test_gradients_through_the_legacy_ops_match_eager():
     def loss_of(x, w):
         return paddle.sum(F.gelu(paddle.matmul(x, w)) * paddle.sigmoid(x).sum(1, keepdim=True))
 
-    main, startup = paddle.static.Program(), paddle.static.Program()
-    with paddle.static.program_guard(main, startup):
-        x = paddle.static.data("x", [None, 4], "float32")
-        w = paddle.static.create_parameter(
-            [4, 5], "float32", default_initializer=paddle.nn.initializer.Assign(weight))
-        (grad,) = paddle.static.gradients([loss_of(x, w)], [w])
-    exe = paddle.static.Executor(paddle.CPUPlace())
-    exe.run(startup)
-    (static_grad,) = exe.run(main, feed={"x": SIGNED[0]}, fetch_list=[grad])
-
-    paddle.disable_static()
-    try:
-        w_eager = paddle.to_tensor(weight, stop_gradient=False)
-        loss_of(paddle.to_tensor(SIGNED[0]), w_eager).backward()
-        eager_grad = w_eager.grad.numpy()
-    finally:
-        paddle.enable_static()
+    static_grad, eager_grad = weight_gradients(loss_of, SIGNED[0], weight)
     np.testing.assert_allclose(static_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 

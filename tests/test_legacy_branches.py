@@ -9,6 +9,7 @@ import pytest
 
 from paddle_qat import legacy_branches
 from paddle_qat.errors import LegacyIRRequiredError
+from program_tools import weight_gradients
 
 RNG = np.random.default_rng(0)
 SQUARE = (RNG.normal(size=(3, 4, 4)) + 4 * np.eye(4)).astype("float32")  # well conditioned
@@ -75,23 +76,7 @@ def test_gradients_through_normalize_match_eager():
     def loss_of(x, w):
         return paddle.mean(paddle.matmul(F.normalize(x, axis=1), F.normalize(w, axis=0)) ** 2)
 
-    main, startup = paddle.static.Program(), paddle.static.Program()
-    with paddle.static.program_guard(main, startup):
-        x = paddle.static.data("x", [None, 4], "float32")
-        w = paddle.static.create_parameter(
-            [4, 3], "float32", default_initializer=paddle.nn.initializer.Assign(weight))
-        (grad,) = paddle.static.gradients([loss_of(x, w)], [w])
-    exe = paddle.static.Executor(paddle.CPUPlace())
-    exe.run(startup)
-    (static_grad,) = exe.run(main, feed={"x": features}, fetch_list=[grad])
-
-    paddle.disable_static()
-    try:
-        w_eager = paddle.to_tensor(weight, stop_gradient=False)
-        loss_of(paddle.to_tensor(features), w_eager).backward()
-        eager_grad = w_eager.grad.numpy()
-    finally:
-        paddle.enable_static()
+    static_grad, eager_grad = weight_gradients(loss_of, features, weight)
     np.testing.assert_allclose(static_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
