@@ -31,6 +31,7 @@ MODELS = [
     ("mobilenet_v3_small", {"scale": 0.35}, ("tensorrt", "onnxruntime")),
     ("resnet18", {}, ("tensorrt", "onnxruntime")),
     ("squeezenet1_1", {}, ("tensorrt",)),
+    ("resnext50_32x4d", {}, ("tensorrt",)),  # grouped convs: per-channel scales per group
     ("shufflenet_v2_x0_25", {}, ("tensorrt", "onnxruntime")),
 ]
 CASES = [(name, kwargs, target) for name, kwargs, targets in MODELS for target in targets]
