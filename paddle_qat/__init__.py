@@ -31,6 +31,20 @@ install()
 
 __version__ = "0.1.0"
 
+# The sub-packages the README calls through the package (paddle_qat.export.export_onnx,
+# paddle_qat.dygraph.quantize_model, ...): imported on first use, so ``import paddle_qat``
+# stays as quick as it was, and ``import paddle_qat`` alone is enough to call them.
+_SUBPACKAGES = ("calibration", "checkpoint", "dygraph", "export", "models", "ptq", "runtime",
+                "sensitivity")
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "QATConfig",
     "QuantizationSummary",

@@ -56,3 +56,24 @@ def test_explicit_pir_gets_one_clear_error_and_no_pybind_traceback():
     assert last_line.startswith("paddle_qat.errors.LegacyIRRequiredError"), last_line
     assert "FLAGS_enable_pir_api=0" in last_line
     assert "incompatible function arguments" not in result.stderr
+
+
+def test_the_readmes_calls_work_after_import_paddle_qat_alone():
+    """README: ``paddle_qat.export.export_onnx(...)``, ``paddle_qat.dygraph.quantize_model``,
+    ``paddle_qat.ptq.calibrate`` and ``paddle_qat.runtime.open_runner`` after nothing but
+    ``import paddle_qat`` (a fresh process: no test imported them before)."""
+    script = ("import paddle_qat\n"
+              "calls = [paddle_qat.export.export_onnx, paddle_qat.dygraph.quantize_model,\n"
+              "         paddle_qat.dygraph.export_onnx, paddle_qat.ptq.calibrate,\n"
+              "         paddle_qat.runtime.open_runner]\n"
+              "print('CALLABLE', all(map(callable, calls)))\n"
+              "try:\n"
+              "    paddle_qat.no_such_module\n"
+              "except AttributeError as error:\n"
+              "    print('MISSING', error)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CALLABLE True" in done.stdout
+    assert "MISSING module 'paddle_qat' has no attribute 'no_such_module'" in done.stdout
