@@ -6,7 +6,7 @@ import onnx
 import paddle
 import pytest
 
-from paddle_qat import QATConfig, QATConfigError
+from paddle_qat import QATConfig, QATConfigError, QATError
 from paddle_qat.dygraph import export_onnx, quantize_model
 from paddle_qat.runtime.int8_kernels import open_session
 
@@ -149,6 +149,41 @@ def test_export_keeps_a_model_that_names_its_own_sublayers_layers(dygraph, tmp_p
     _train(model, 2)
     result = export_onnx(model, SPEC, tmp_path / "net.onnx")
     images = np.random.default_rng(2).normal(size=(4, 3, 8, 8)).astype("float32")
+    got = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+
+class _Residual(paddle.nn.Layer):
+    """A residual block as users write it: the add is ``x + y`` in forward, not a layer."""
+
+    def __init__(self):
+        super().__init__()
+        paddle.seed(5)
+        self.stem = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, padding=1),
+                                         paddle.nn.BatchNorm2D(8), paddle.nn.ReLU())
+        self.branch = paddle.nn.Sequential(paddle.nn.Conv2D(8, 8, 3, padding=1),
+                                           paddle.nn.BatchNorm2D(8))
+        self.head = paddle.nn.Sequential(paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(),
+                                         paddle.nn.Linear(8, 4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(paddle.nn.functional.relu(x + self.branch(x)))
+
+
+def test_a_residual_add_is_named_with_the_way_out_and_check_false_exports_it(dygraph,
+                                                                             tmp_path):
+    model = quantize_model(_Residual())
+    _train(model, 2)
+    path = tmp_path / "residual.onnx"
+    path.write_bytes(b"an earlier export")
+    with pytest.raises(QATError, match=r"(?s)1 residual add.*rule 7.*check=False.*static fleet"):
+        export_onnx(model, SPEC, path)
+    assert path.read_bytes() == b"an earlier export"  # nothing half-written, nothing lost
+
+    result = export_onnx(model, SPEC, path, check=False)
+    images = np.random.default_rng(4).normal(size=(4, 3, 8, 8)).astype("float32")
     got = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
     np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
                                atol=1e-5)

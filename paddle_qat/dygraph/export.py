@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..export.atomic import atomic_path
+
 
 def _inner(model):
     """The user's model inside DataParallel and fleet's wrappers (not any ``_layers``)."""
@@ -18,15 +20,40 @@ def _inner(model):
     return model
 
 
+def _check_for_tensorrt(onnx_path) -> None:
+    """TensorRT's rules on a dygraph export, with the advice that fits dygraph QAT."""
+    from ..errors import QATError
+    from ..export.checker import check_model
+
+    violations = list(check_model(str(onnx_path)))
+    if not violations:
+        return
+    listing = "\n".join(f"  - {v}" for v in violations)
+    if all(v.rule == 7 for v in violations):
+        raise QATError(
+            f"the exported ONNX has {len(violations)} residual add(s) whose identity branch "
+            f"has no Q/DQ (TensorRT rule 7):\n{listing}\nDygraph QAT quantizes Conv2D and "
+            f"Linear layers, not the x + y in a forward, so TensorRT would run these adds in "
+            f"float after the INT8 conv: slower, not wrong. Export with check=False to accept "
+            f"that, or train with static fleet QAT (strategy.qat = True on a static program), "
+            f"which trains a quantizer on every identity branch")
+    raise QATError(f"the exported ONNX has {len(violations)} violation(s) of TensorRT's Q/DQ "
+                   f"rules:\n{listing}")
+
+
 def export_onnx(model, input_spec, onnx_path, *, paddle_prefix=None, group=None,
-                opset: int = 13):
+                opset: int = 13, check: bool = True):
     """Export a dygraph QAT model (plain, ``DataParallel`` or fleet-wrapped) to ONNX.
 
     Syncs quant state and BatchNorm statistics across ``group`` one last time (a collective:
     call it on every rank), switches the model to eval, saves it with ``paddle.jit.save``
     (legacy IR, quant ops kept; written to ``paddle_prefix`` too when given) and exports that
-    through :func:`paddle_qat.export.export_paddle_model`, which places the Q/DQ and checks
-    TensorRT's rules. Returns a :class:`paddle_qat.export.SavedExport`.
+    through :func:`paddle_qat.export.export_paddle_model`, which places the Q/DQ, and checks
+    TensorRT's rules (``check=False`` skips that). Dygraph QAT quantizes Conv2D and Linear
+    layers, not the ``x + y`` of a residual block, so TensorRT would run those adds in float
+    after the INT8 conv (rule 7): the check names them and the way out. The file is written
+    only when the check passes (an existing one is kept otherwise). Returns a
+    :class:`paddle_qat.export.SavedExport`.
 
     Example::
 
@@ -50,7 +77,11 @@ def export_onnx(model, input_spec, onnx_path, *, paddle_prefix=None, group=None,
         prefix = Path(tmp) / "model"
         paddle.jit.save(layer, str(prefix), input_spec=list(input_spec))
         try:
-            result = export_paddle_model(prefix, onnx_path, opset=opset)
+            with atomic_path(onnx_path) as onnx_tmp:
+                result = export_paddle_model(prefix, onnx_tmp, opset=opset, check=False)
+                if check:
+                    _check_for_tensorrt(onnx_tmp)
+            result = dataclasses.replace(result, onnx_path=Path(onnx_path))
         finally:
             paddle.disable_static()  # reading the saved program switched Paddle to static
         if target is not None:

@@ -81,9 +81,10 @@ def export_checkpoint(checkpoint, onnx_path, *, paddle_prefix=None, opset: int =
 
 
 def export_paddle_model(path_prefix, onnx_path, *, opset: int = 13,
-                        target: str | None = None) -> SavedExport:
+                        target: str | None = None, check: bool = True) -> SavedExport:
     """Export a Paddle inference model that keeps its quant ops (``.pdmodel``/``.pdiparams``).
-    ``target`` defaults to the one the model was trained for (see ``export_onnx``).
+    ``target`` defaults to the one the model was trained for, and ``check=False`` skips its
+    rules (see ``export_onnx``).
 
     Example::
 
@@ -110,5 +111,6 @@ def export_paddle_model(path_prefix, onnx_path, *, opset: int = 13,
                            f"files are truncated or not a Paddle inference model") from None
         block = program.global_block()
         result = export_onnx(program, [block.var(n) for n in feed_names], fetch_vars,
-                             onnx_path, scope=scope, opset=opset, target=target)
+                             onnx_path, scope=scope, opset=opset, target=target,
+                             check=check)
     return SavedExport(Path(onnx_path), None, len(result.edges), result.target)
