@@ -116,7 +116,7 @@ def _is_var_type(dtype) -> bool:
 
 
 def _as_variable(value, function: str, param: str):
-    if _is_legacy_variable(value):
+    if is_legacy_variable(value):
         return value
     raise LegacyIRRequiredError(
         f"{function}(): {param} is a {type(value).__name__}, but on Paddle's legacy IR "
@@ -139,7 +139,7 @@ def _cast(x, dtype):
 
 
 def _axes(axis, function: str) -> list[int]:
-    if _is_legacy_variable(axis):
+    if is_legacy_variable(axis):
         raise LegacyIRRequiredError(
             f"{function}(): a Variable axis has no legacy-IR form; pass the axes as ints")
     if axis is None:
@@ -319,7 +319,7 @@ LEGACY_OPS: dict[str, LegacyOp | str] = {
 }
 
 
-def _holds_legacy_variable(args: tuple, kwargs: dict) -> bool:
+def holds_legacy_variable(args: tuple, kwargs: dict) -> bool:
     # runs on every eager call too, hence a plain loop: the wrapper costs an eager paddle.sum
     # of a 4x4 tensor about 1.5 us (3.7 -> 5.1 us; a generator and an import here made it 12)
     for value in args:
@@ -332,7 +332,7 @@ def _holds_legacy_variable(args: tuple, kwargs: dict) -> bool:
     return False
 
 
-def _is_legacy_variable(value) -> bool:
+def is_legacy_variable(value) -> bool:
     """A legacy static ``Variable``; ``isinstance`` would also say so of an eager Tensor
     (Paddle's metaclass answers for the current mode), ``issubclass`` does not."""
     return issubclass(type(value), _VARIABLE)
@@ -340,7 +340,7 @@ def _is_legacy_variable(value) -> bool:
 
 def _legacy_aware(name: str, paddle_function: Callable, op: LegacyOp | str) -> Callable:
     def function(*args, **kwargs):
-        if not _holds_legacy_variable(args, kwargs):
+        if not holds_legacy_variable(args, kwargs):
             return paddle_function(*args, **kwargs)
         if isinstance(op, str):
             import paddle
@@ -394,25 +394,34 @@ def _namespaces() -> dict:
     return found
 
 
+def wrap_everywhere(names, wrapper_for: Callable) -> list[str]:
+    """Wherever Paddle's code or a user's finds them (see :func:`_namespaces`), replace the
+    attributes called one of ``names`` for which ``wrapper_for(name, value)`` returns a
+    wrapper (None: leave it); returns the dotted names replaced. One wrapper per Paddle
+    function, so names that were the same object still are."""
+    wrappers: dict[int, Callable] = {}
+    wrapped = []
+    for label, namespace in _namespaces().items():
+        attributes = vars(namespace)
+        for name in names:
+            current = attributes.get(name)
+            if current is None:
+                continue
+            wrapper = wrappers.get(id(current)) or wrapper_for(name, current)
+            if wrapper is None:
+                continue
+            wrappers[id(current)] = wrapper
+            setattr(namespace, name, wrapper)
+            wrapped.append(f"{label}.{name}")
+    return wrapped
+
+
 def install() -> list[str]:
-    """Wrap every function of :data:`LEGACY_OPS` that Paddle left without a legacy-IR form,
-    wherever Paddle's code or a user's finds it (see :func:`_namespaces`); returns the dotted
-    names wrapped (none on a repeat call). One wrapper per Paddle function, so names that were
-    the same object still are."""
+    """Wrap every function of :data:`LEGACY_OPS` that Paddle left without a legacy-IR form
+    (see :func:`wrap_everywhere`); returns the dotted names wrapped (none on a repeat call)."""
     from paddle.base.framework import Variable
 
     global _VARIABLE
     _VARIABLE = Variable
-    wrappers: dict[int, Callable] = {}
-    wrapped = []
-    for label, namespace in _namespaces().items():
-        names = vars(namespace)
-        for name, op in LEGACY_OPS.items():
-            current = names.get(name)
-            if current is None or not _needs_wrapping(current):
-                continue
-            if id(current) not in wrappers:
-                wrappers[id(current)] = _legacy_aware(name, current, op)
-            setattr(namespace, name, wrappers[id(current)])
-            wrapped.append(f"{label}.{name}")
-    return wrapped
+    return wrap_everywhere(LEGACY_OPS, lambda name, value: _legacy_aware(
+        name, value, LEGACY_OPS[name]) if _needs_wrapping(value) else None)

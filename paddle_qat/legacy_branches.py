@@ -11,9 +11,9 @@ not cover:
   forms), the legacy branch binds its result to ``out`` instead of ``ret``: it appends the
   right ops, then raises ``UnboundLocalError: cannot access local variable 'ret'``. The
   wrapper runs Paddle's function and, on exactly that error raised at exactly that tail,
-  returns the Variable the legacy branch built. ``paddle.linalg.matrix_exp`` works again
-  with ``solve``. ``solve(left=False)`` fails earlier (it transposes ``ret`` first) and gets
-  a clear error instead.
+  returns the Variable the legacy branch built. ``paddle.linalg.matrix_exp``, which calls
+  ``solve``, works with it. ``solve(left=False)`` fails earlier (it transposes ``ret``
+  first) and gets a clear error instead.
 * **``Variable.mT``**, which ``paddle.matrix_transpose`` uses: static Variables have no such
   property. It is added (a ``transpose2`` of the last two axes).
 * **``paddle.rand_like`` / ``paddle.randn_like``** pass ``x.place``, a method on a Variable,
@@ -31,7 +31,7 @@ import linecache
 from collections.abc import Callable
 
 from .errors import LegacyIRRequiredError
-from .legacy_api import _holds_legacy_variable, _is_legacy_variable, _namespaces
+from .legacy_api import holds_legacy_variable, is_legacy_variable, wrap_everywhere
 
 # Paddle's functions whose legacy branch leaves its result in the local ``out``
 RESULT_IN_OUT: tuple[str, ...] = (
@@ -62,7 +62,7 @@ def _result_in_out(label: str, paddle_function: Callable) -> Callable:
     code = _code_of(paddle_function)
 
     def function(*args, **kwargs):
-        if not _holds_legacy_variable(args, kwargs):
+        if not holds_legacy_variable(args, kwargs):
             return paddle_function(*args, **kwargs)
         if kwargs.get("out") is not None:
             raise LegacyIRRequiredError(
@@ -73,7 +73,7 @@ def _result_in_out(label: str, paddle_function: Callable) -> Callable:
             frame, line = _innermost_frame(error)
             built = frame.f_locals.get("out")
             at_tail = linecache.getline(code.co_filename, line).strip() == _BROKEN_TAIL
-            if frame.f_code is not code or not (at_tail and _is_legacy_variable(built)):
+            if frame.f_code is not code or not (at_tail and is_legacy_variable(built)):
                 raise LegacyIRRequiredError(
                     f"{label}: Paddle's own legacy-IR code fails for these arguments "
                     f"({error}); on the legacy IR (static QAT) call it with its defaults "
@@ -90,7 +90,7 @@ def _random_like(label: str, paddle_function: Callable) -> Callable:
     first = next(iter(signature.parameters))  # rand_like's input, randn_like's x
 
     def function(*args, **kwargs):
-        if not _holds_legacy_variable(args, kwargs):
+        if not holds_legacy_variable(args, kwargs):
             return paddle_function(*args, **kwargs)
         import paddle
 
@@ -133,16 +133,12 @@ def install() -> list[str]:
         wrapped.append("Variable.mT")
     makers = {**{label: _result_in_out for label in RESULT_IN_OUT},
               **{label: _random_like for label in _RANDOM_LIKE}}
-    wrappers: dict[int, Callable] = {}
-    for namespace_label, namespace in _namespaces().items():
-        for name, value in list(vars(namespace).items()):
-            if not callable(value) or getattr(value, "_paddle_qat_legacy_branch", False):
-                continue
-            label = f"{getattr(value, '__module__', '')}.{getattr(value, '__name__', '')}"
-            if label not in makers:
-                continue
-            if id(value) not in wrappers:
-                wrappers[id(value)] = makers[label](label, value)
-            setattr(namespace, name, wrappers[id(value)])
-            wrapped.append(f"{namespace_label}.{name}")
-    return wrapped
+
+    def wrapper_for(name, value):
+        label = f"{getattr(value, '__module__', '')}.{getattr(value, '__name__', '')}"
+        if label not in makers or getattr(value, "_paddle_qat_legacy_branch", False):
+            return None
+        return makers[label](label, value)
+
+    return wrapped + wrap_everywhere({label.rsplit(".", 1)[1] for label in makers},
+                                     wrapper_for)
