@@ -103,7 +103,7 @@ def _remove_unread_casts(block, outputs: set[str]) -> None:
     for index in reversed(range(len(block.ops))):
         op = block.ops[index]
         if op.type == "cast" and op.output("Out")[0] in outputs and op.output("Out")[0] not in read:
-            block._remove_op(index)
+            block._remove_op(index, sync=False)  # the caller syncs once
 
 
 def _insert_cast(block, index, source, target_dtype, suffix):

@@ -31,6 +31,7 @@ from .config import WEIGHT_OP_AXES, QATConfig
 from .errors import QATError
 from .legacy_ir import require_legacy_program
 from .placement import share_scales, unquantize_parameter_ops, use_unsigned_ranges
+from .program_edit import ir_graphs, one_sync
 
 QUANT_OP_TYPES = ("quantize_linear", "dequantize_linear")
 _WEIGHT_SLOT = {
@@ -115,8 +116,6 @@ def _restore(scope, place, saved: dict[str, np.ndarray]) -> None:
 
 
 def _apply_paddle_passes(program, config: QATConfig, scope, place, for_test: bool):
-    from paddle.base import core
-    from paddle.base.framework import IrGraph
     from paddle.static.quantization.quantization_pass import (
         AddQuantDequantForResidual,
         AddQuantDequantPassV2,
@@ -124,8 +123,7 @@ def _apply_paddle_passes(program, config: QATConfig, scope, place, for_test: boo
         QuantizationTransformPassV2,
     )
 
-    graph = IrGraph(core.Graph(program.desc), for_test=for_test)
-    sub_graphs = list(graph.all_sub_graphs())
+    graph, sub_graphs = ir_graphs(program, for_test)
     passes = [
         QuantizationTransformPassV2(
             scope=scope,
@@ -210,16 +208,17 @@ def _stable_state_names(program, scope, place) -> None:
     ``accum_0`` belonged to another quantizer when a new process loaded it.
     """
     block = program.global_block()
+    renames = []
     for op in block.ops:
         if "InState" not in op.input_names:
             continue
         output = op.output("Y") if "Y" in op.output_names else op.output("Out")
         for slot, suffix in (("InState", "@state"), ("InAccum", "@accum")):
-            if not op.input(slot) or not output:
-                continue
-            old = op.input(slot)[0]
-            new = f"{output[0]}{suffix}"
-            if old == new or not block.has_var(old):
+            if op.input(slot) and output and op.input(slot)[0] != f"{output[0]}{suffix}":
+                renames.append((op.input(slot)[0], f"{output[0]}{suffix}"))
+    with one_sync(program):
+        for old, new in renames:
+            if not block.has_var(old):
                 continue
             block._rename_var(old, new)
             holder = scope.find_var(old)

@@ -15,6 +15,8 @@ all the tensors TensorRT will treat as one.
 
 from __future__ import annotations
 
+from collections import Counter
+
 # Ops whose inputs and outputs TensorRT keeps in one INT8 scale (Q/DQ commutes through them).
 SCALE_SHARING_OPS: dict[str, tuple[str, ...]] = {
     "cast": ("X",),  # AMP's precision casts: the same tensor to every runtime
@@ -134,7 +136,7 @@ def share_scales(program) -> list[tuple[str, ...]]:
                 for dq in dequantizers.get(q.output("Y")[0], []):
                     _rename(dq, old, new)
                 if not any(old in op.input_arg_names + op.output_arg_names for op in block.ops):
-                    block._remove_var(old)
+                    block._remove_var(old, sync=False)
     _drop_repeated_quantizers(block)
     program._sync_with_cpp()
     return merged
@@ -172,11 +174,11 @@ def _drop_repeated_quantizers(block) -> None:
     names = {n for i in doomed for n in block.ops[i].input_arg_names
              + block.ops[i].output_arg_names}
     for index in sorted(doomed, reverse=True):
-        block._remove_op(index)
+        block._remove_op(index, sync=False)  # share_scales syncs once
     used = {n for op in block.ops for n in op.input_arg_names + op.output_arg_names}
     for name in names - used:
         if block.has_var(name):
-            block._remove_var(name)
+            block._remove_var(name, sync=False)
 
 
 # Ops whose output cannot be negative, whatever their input.
@@ -314,23 +316,25 @@ def unquantize_parameter_ops(program) -> list[str]:
                 op._rename_input(name, found[0])
                 restored.append(found[0])
                 chains.append(found[1])
+    reads = Counter(n for o in block.ops for n in o.input_arg_names)
+    uses = Counter(n for o in block.ops for n in o.input_arg_names + o.output_arg_names)
     removed: set[int] = set()
     for chain in chains:  # consumer side first: each op goes once nothing reads its output
         for op in chain:
             if id(op) in removed:  # the forward op and its grad op share a chain
                 continue
-            read = {n for other in block.ops for n in other.input_arg_names}
             data = [n for n in op.output_arg_names
                     if not block._find_var_recursive(n).persistable]
-            if any(n in read for n in data):
+            if any(reads[n] > 0 for n in data):
                 break
             index = next(i for i, o in enumerate(block.ops) if o is op)
             removed.add(id(op))
+            reads.subtract(op.input_arg_names)
+            uses.subtract(op.input_arg_names + op.output_arg_names)
             names = set(op.input_arg_names + op.output_arg_names)
-            block._remove_op(index)
-            used = {n for o in block.ops for n in o.input_arg_names + o.output_arg_names}
-            for name in names - used:
-                if block.has_var(name):
-                    block._remove_var(name)
+            block._remove_op(index, sync=False)  # one sync below, not one per edit
+            for name in names:
+                if uses[name] <= 0 and block.has_var(name):
+                    block._remove_var(name, sync=False)
     program._sync_with_cpp()
     return sorted(set(restored))

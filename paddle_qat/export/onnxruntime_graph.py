@@ -295,10 +295,13 @@ def merge_quantizers(model) -> int:
     g = _Graph(model)
     merged = 0
     for name in list(g.consumers):
-        readers = g.consumers[name]
+        readers = list(g.consumers[name])
         quantizers = [n for n in readers if n.op_type == "QuantizeLinear" and n.input[0] == name
                       and all(g.is_constant(i) for i in n.input[1:])]
+        if not quantizers:
+            continue
         kept: dict[tuple, object] = {}
+        changed = False
         for q in quantizers:
             first = kept.setdefault(_quant_params(g, q), q)
             if first is q:
@@ -307,12 +310,16 @@ def merge_quantizers(model) -> int:
                 dq.input[0] = first.output[0]
             g.graph.node.remove(q)
             merged += 1
-        dequantized = [n.output[0] for q in kept.values() for n in g.graph.node
+            changed = True
+        shapes = [n for n in readers if n.op_type == "Shape" and n.input[0] == name]
+        dequantized = [n.output[0] for q in kept.values() for n in g.consumers[q.output[0]]
                        if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]
-        for node in readers:
-            if node.op_type == "Shape" and node.input[0] == name and dequantized:
+        if shapes and dequantized:
+            for node in shapes:
                 node.input[0] = dequantized[0]
-        g.refresh()
+            changed = True
+        if changed:  # only an edit stales the maps (one refresh per edit, not per tensor)
+            g.refresh()
     _drop_duplicate_dequantizers(g)
     return merged
 

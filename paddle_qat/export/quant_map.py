@@ -115,6 +115,6 @@ def strip_quant_ops(program):
                 op._rename_input(name, made_by[dq.input("X")[0]].input("X")[0])
     for index in reversed(range(len(block.ops))):
         if block.ops[index].type in ("quantize_linear", "dequantize_linear"):
-            block._remove_op(index)
+            block._remove_op(index, sync=False)  # one sync below, not one per op
     float_program._sync_with_cpp()
     return float_program
