@@ -9,7 +9,9 @@ CPU-target QAT) for each seed and reports QAT minus PTQ for each pair:
 * TensorRT placement: ``QAT w8a8`` against the best of the four PTQ rows (the best is
   picked on the test digits themselves, which favours PTQ);
 * CPU: ``QAT w8a8, CPU target`` against ONNX Runtime's own PTQ, and the same at 7-bit
-  weights (``reduce_range``), whose INT8 kernels are exact on every x86 CPU.
+  weights (``reduce_range``), whose INT8 kernels are exact on every x86 CPU;
+* CPU, like for like: the same QAT rows against our max PTQ with the CPU target's placement,
+  the model they start from.
 
     python benchmarks/seeds.py                      # seeds 0-5: about 20 minutes on 2 cores
     python benchmarks/seeds.py --seeds 0,3 --folds 1
@@ -37,9 +39,13 @@ PAIRS = {  # pair name: (QAT row, PTQ rows it is compared with, best of them)
     "CPU (ONNX Runtime's PTQ)": ("QAT w8a8, CPU target", ("PTQ w8a8 ORT, CPU",)),
     "CPU, 7-bit weights (ORT's PTQ, reduce_range)": ("QAT w7a8, CPU target",
                                                      ("PTQ w7a8 ORT, CPU",)),
+    "CPU (our PTQ, same placement)": ("QAT w8a8, CPU target", ("PTQ w8a8 max, CPU target",)),
+    "CPU, 7-bit weights (our PTQ, same placement)": ("QAT w7a8, CPU target",
+                                                     ("PTQ w7a8 max, CPU target",)),
 }
-ROWS = ("FP32", *PTQ_ROWS, "QAT w8a8", "PTQ w8a8 ORT, CPU", "QAT w8a8, CPU target",
-        "PTQ w7a8 ORT, CPU", "QAT w7a8, CPU target")
+ROWS = ("FP32", *PTQ_ROWS, "QAT w8a8",
+        *(f"{kind} w{bits}a8{what}" for bits in (8, 7) for kind, what in (
+            ("PTQ", " ORT, CPU"), ("PTQ", " max, CPU target"), ("QAT", ", CPU target"))))
 
 
 def seeds_argument(text: str) -> tuple[int, ...]:

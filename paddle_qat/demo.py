@@ -13,7 +13,8 @@ is 0.28 % there, 0.06 % here).
 For 8-bit weights and low-bit settings (``--low-bits``, 4 and 3 by default) it calibrates PTQ
 models with each calibrator (max, percentile, MSE, entropy) and fine-tunes a QAT model
 (``strategy.qat = True``) whose scales start from PTQ's, all with TensorRT's Q/DQ placement.
-Then, for the CPU it runs on: ONNX Runtime's own PTQ recipe and a QAT model trained with
+Then, for the CPU it runs on: ONNX Runtime's own PTQ recipe, our PTQ with the CPU target's
+Q/DQ placement (the model the CPU-target QAT starts from) and a QAT model trained with
 ``QATConfig(target="onnxruntime")``. Every model is exported to ONNX and run by ONNX Runtime;
 one table prints accuracy, latency at batch 1 and model size.
 """
@@ -152,19 +153,18 @@ def _copy_weights(names, source, target, place) -> None:
                                                place)
 
 
-def _ptq(path, weight_bits, method, fp32_scope, fp32_state, train) -> None:
-    """Calibrate the FP32 weights into a PTQ model with QAT's Q/DQ placement; export it."""
+def _ptq(path, config, method, fp32_scope, fp32_state, train) -> None:
+    """Calibrate the FP32 weights into a PTQ model with QAT's Q/DQ placement for ``config``
+    (the model QAT starts from, when ``method`` is QAT's); export it for its target."""
     import paddle
 
-    from .config import QATConfig
     from .export import export_onnx
     from .export.saved import build_eval_program
     from .ptq import calibrate
 
     scope = paddle.static.Scope()
     with paddle.static.scope_guard(scope):
-        program, image, logits = build_eval_program(SPEC, QATConfig(weight_bits=weight_bits),
-                                                    scope)
+        program, image, logits = build_eval_program(SPEC, config, scope)
         _copy_weights(fp32_state, fp32_scope, scope, paddle.CPUPlace())
         calibrate(program, _calibration_batches(train), CalibrationConfig(method=method),
                   scope=scope)
@@ -276,32 +276,37 @@ def _run_fold(out: Path, train, test, fp32_epochs: int, qat_epochs: int, batch: 
     for bits in (8, *low_bits):
         for method in METHODS:
             path = out / f"ptq_w{bits}_{method}.onnx"
-            _ptq(path, bits, method, fp32_scope, fp32_state, train)
+            _ptq(path, QATConfig(weight_bits=bits), method, fp32_scope, fp32_state, train)
             rows.append(evaluate(f"PTQ w{bits}a8 {method}", path))
         path = _qat(out / f"qat_w{bits}.onnx", QATConfig(weight_bits=bits), **qat,
                     checkpoints=out / ("checkpoints" if bits == 8 else f"checkpoints_w{bits}"),
                     paddle_prefix=out / "inference" / "qat" if bits == 8 else None)
         rows.append(evaluate(f"QAT w{bits}a8", path))
 
-    # 3. For ONNX Runtime on a CPU: its own PTQ recipe, and QAT with target="onnxruntime";
-    # at 8-bit weights (INT8 kernels on CPUs with VNNI) and at 7 (ONNX Runtime's
-    # reduce_range: INT8 kernels that are exact on every x86 CPU, see runtime.int8_kernels)
+    # 3. For ONNX Runtime on a CPU: its own PTQ recipe; our PTQ with the CPU target's
+    # placement (the model QAT starts from); QAT with target="onnxruntime". At 8-bit weights
+    # (INT8 kernels on CPUs with VNNI) and at 7 (ONNX Runtime's reduce_range: INT8 kernels
+    # that are exact on every x86 CPU, see runtime.int8_kernels)
     images = np.concatenate([b["image"] for b in _calibration_batches(train)])
     for bits, suffix in CPU_WEIGHT_BITS:
         path = ort_ptq(out / "fp32.onnx", out / f"ptq_w{bits}_ort_cpu.onnx", images,
                        target="onnxruntime", reduce_range=bits == 7)
         rows.append(evaluate(f"PTQ w{bits}a8 ORT, CPU", path))
-        path = _qat(out / f"qat_w{bits}_onnxruntime.onnx",
-                    QATConfig(weight_bits=bits, target="onnxruntime"), **qat,
+        config = QATConfig(weight_bits=bits, target="onnxruntime")
+        path = out / f"ptq_w{bits}_{qat_init}_onnxruntime.onnx"
+        _ptq(path, config, qat_init, fp32_scope, fp32_state, train)
+        rows.append(evaluate(f"PTQ w{bits}a8 {qat_init}, CPU target", path))
+        path = _qat(out / f"qat_w{bits}_onnxruntime.onnx", config, **qat,
                     checkpoints=out / f"checkpoints_onnxruntime{suffix}")
         rows.append(evaluate(f"QAT w{bits}a8, CPU target", path))
     return rows
 
 
 def format_table(rows: list[Result]) -> str:
-    lines = [f"{'model':<22} {'accuracy':>9} {'correct':>11} {'latency bs1 (ms)':>17} "
+    width = max([len("model"), *(len(r.name) for r in rows)])
+    lines = [f"{'model':<{width}} {'accuracy':>9} {'correct':>11} {'latency bs1 (ms)':>17} "
              f"{'size (KiB)':>11}  ORT kernels"]
-    lines += [f"{r.name:<22} {r.accuracy:>9.4f} {f'{r.correct}/{r.images}':>11} "
+    lines += [f"{r.name:<{width}} {r.accuracy:>9.4f} {f'{r.correct}/{r.images}':>11} "
               f"{r.latency_ms:>17.3f} {r.size_kb:>11.1f}  {r.kernels}" for r in rows]
     return "\n".join(lines)
 

@@ -45,11 +45,14 @@ def test_seed_benchmark_reports_qat_minus_ptq_for_each_seed(tmp_path):
         assert int(row["FP32"]) > 36  # trained beyond chance (10 classes, 360 digits)
         best_ptq = max(int(row[f"PTQ w8a8 {m}"]) for m in ("max", "percentile", "mse", "entropy"))
         assert int(row["TensorRT placement (best of 4 PTQ)"]) == int(row["QAT w8a8"]) - best_ptq
-        for bits, pair in ((8, "CPU (ONNX Runtime's PTQ)"),
-                           (7, "CPU, 7-bit weights (ORT's PTQ, reduce_range)")):
+        for bits, pair, ptq in (
+                (8, "CPU (ONNX Runtime's PTQ)", "ORT, CPU"),
+                (7, "CPU, 7-bit weights (ORT's PTQ, reduce_range)", "ORT, CPU"),
+                (8, "CPU (our PTQ, same placement)", "max, CPU target"),
+                (7, "CPU, 7-bit weights (our PTQ, same placement)", "max, CPU target")):
             assert int(row[pair]) == \
-                int(row[f"QAT w{bits}a8, CPU target"]) - int(row[f"PTQ w{bits}a8 ORT, CPU"])
-    assert "| CPU, 7-bit weights (ORT's PTQ, reduce_range) |" in lines[-1]
+                int(row[f"QAT w{bits}a8, CPU target"]) - int(row[f"PTQ w{bits}a8 {ptq}"])
+    assert "| CPU, 7-bit weights (our PTQ, same placement) |" in lines[-1]
 
 
 def test_seed_benchmark_refuses_a_bad_seed_list():

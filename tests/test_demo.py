@@ -18,9 +18,9 @@ def test_short_demo_trains_exports_and_evaluates(demo_run):
     expected = ["FP32"]
     for bits in (8, 4, 3):
         expected += [f"PTQ w{bits}a8 {m}" for m in methods] + [f"QAT w{bits}a8"]
-    cpu_pairs = [f"{kind} w{bits}a8{what}" for bits in (8, 7)
-                 for kind, what in (("PTQ", " ORT, CPU"), ("QAT", ", CPU target"))]
-    assert list(by_name) == expected + cpu_pairs
+    cpu_rows = [f"{kind} w{bits}a8{what}" for bits in (8, 7) for kind, what in (
+        ("PTQ", " ORT, CPU"), ("PTQ", " max, CPU target"), ("QAT", ", CPU target"))]
+    assert list(by_name) == expected + cpu_rows
     # two folds: every digit is tested once, by the fold that did not train on it
     assert {(r.images, r.correct <= r.images) for r in rows} == {(1797, True)}
     assert (tmp_path / "folds" / "1" / "qat_w8.onnx").is_file()
@@ -42,14 +42,17 @@ def test_short_demo_trains_exports_and_evaluates(demo_run):
     # the CPU rows: ONNX Runtime has an INT8 kernel for every quantized op of each; the 7-bit
     # pair's weights stay within +-64, so those kernels are exact (and used) on every CPU
     for bits in (8, 7):
-        for name in (f"qat_w{bits}_onnxruntime.onnx", f"ptq_w{bits}_ort_cpu.onnx"):
+        for name in (f"qat_w{bits}_onnxruntime.onnx", f"ptq_w{bits}_ort_cpu.onnx",
+                     f"ptq_w{bits}_max_onnxruntime.onnx"):
             assert float_ops(str(tmp_path / name)) == []
             assert (weight_level(onnx.load(str(tmp_path / name))) <= 64) == (bits == 7)
         qat, ptq = by_name[f"QAT w{bits}a8, CPU target"], by_name[f"PTQ w{bits}a8 ORT, CPU"]
         assert qat.accuracy >= ptq.accuracy - 0.02, printed
         assert qat.accuracy > by_name["FP32"].accuracy - 0.03, printed
+        start = by_name[f"PTQ w{bits}a8 max, CPU target"]  # what the QAT row started from
+        assert start.accuracy > by_name["FP32"].accuracy - 0.03, printed
         if bits == 7:
-            assert qat.kernels == ptq.kernels == "int8"
+            assert qat.kernels == ptq.kernels == start.kernels == "int8"
     assert "latency bs1 (ms)" in printed
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "epoch_0001", "epoch_0002", "latest"]
@@ -82,3 +85,35 @@ def test_bad_demo_arguments_are_one_clear_line(args, text):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert text in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_ptq_row_is_the_model_qat_starts_from(single_rank, tmp_path, target):
+    """The table pairs each QAT row with a PTQ row of the same placement and calibrator; with
+    no fine-tuning step the two exports compute the same function."""
+    import numpy as np
+    import paddle
+
+    from paddle_qat import QATConfig, demo
+    from paddle_qat.runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+    train, test = next(demo.digit_folds(5, seed=0))
+    fp32_scope = paddle.static.Scope()
+    main, startup, eval_prog, (_, _, _, loss) = demo._build(0)
+    with paddle.static.scope_guard(fp32_scope):
+        with paddle.static.program_guard(main, startup):
+            paddle.optimizer.Momentum(0.05, momentum=0.9).minimize(loss)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        demo._epochs(exe, main, loss, train, 1, 32, 0, "fp32")  # BN statistics move too
+    state = [v.name for v in eval_prog.list_vars()
+             if v.persistable and v.name not in ("feed", "fetch")]
+    config = QATConfig(target=target)
+    demo._ptq(tmp_path / "ptq.onnx", config, "max", fp32_scope, state, train)
+    demo._qat(tmp_path / "qat.onnx", config, "max", 0, 32, 0, fp32_scope, state, train,
+              checkpoints=tmp_path / "checkpoints")
+    images = test[0][:64]
+    ptq = OnnxRuntimeRunner(tmp_path / "ptq.onnx").run(images)
+    qat = OnnxRuntimeRunner(tmp_path / "qat.onnx").run(images)
+    assert np.abs(ptq).max() > 1.0  # a trained model's logits, not zeros
+    np.testing.assert_allclose(qat, ptq, rtol=0, atol=1e-5)

@@ -3,8 +3,8 @@
 import paddle
 import pytest
 
-from paddle_qat import QATConfig, program_edit, quantize_program
 from nets import build
+from paddle_qat import QATConfig, program_edit, quantize_program
 
 
 def _ops(program):
