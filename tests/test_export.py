@@ -200,6 +200,44 @@ def test_atomic_write_leaves_the_old_file_when_export_fails(trained, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
+def _normalized_input_net(bias_after_scale: bool):
+    """image -> 0.5 x + 0.1 (a legacy ``scale`` op with a bias: input normalization) -> conv:
+    paddle2onnx writes it as two nodes (Mul and Add), and the conv reads the second."""
+    from paddle.base.layer_helper import LayerHelper
+
+    image = paddle.static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
+    label = paddle.static.data("label", [None, 1], "int64")
+    helper = LayerHelper("scale")
+    normalized = helper.create_variable_for_type_inference("float32")
+    helper.append_op(type="scale", inputs={"X": image}, outputs={"Out": normalized},
+                     attrs={"scale": 0.5, "bias": 0.1, "bias_after_scale": bias_after_scale})
+    features = paddle.nn.functional.relu(paddle.static.nn.batch_norm(
+        paddle.static.nn.conv2d(normalized, 8, 3, padding=1)))
+    pooled = paddle.flatten(paddle.nn.functional.adaptive_avg_pool2d(features, 1), 1)
+    logits = paddle.static.nn.fc(pooled, nets.CLASSES)
+    return image, label, logits, paddle.mean(
+        paddle.nn.functional.cross_entropy(logits, label))
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+@pytest.mark.parametrize("bias_after_scale", [True, False])
+def test_a_quantized_input_paddle2onnx_computes_in_two_nodes_is_found(tmp_path, target,
+                                                                      bias_after_scale):
+    t = nets.train_qat(3, config=paddle_qat.QATConfig(target=target),
+                       net=lambda: _normalized_input_net(bias_after_scale))
+    path = tmp_path / "m.onnx"
+    with paddle.static.scope_guard(t["scope"]):  # refused before: "no Conv reading 'Mul.1'"
+        export_onnx(t["test"], [t["image"]], [t["logits"]], path, scope=t["scope"])
+    feed = next(nets.separable_batches(1, batch=32, seed=3))
+    expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]], scope=t["scope"])[0]
+    got = open_session(str(path))[0].run(None, {"image": feed["image"]})[0]
+    assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
+    model = onnx.load(str(path))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    assert made_by[conv.input[0]].op_type == "DequantizeLinear"  # the conv reads INT8
+
+
 # ---- the checker: one hand-broken graph per rule -------------------------------------------
 
 def _qdq_conv_model(zero_dtype=np.int8, zero_value=0, scale_value=0.02, weight_dtype=np.int8,

@@ -96,9 +96,27 @@ def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
         matches = [n for n, reads in data_inputs if inputs and reads == inputs]
         return matches[0].output[0] if len(matches) == 1 else None
 
-    # No single counterpart: keep the name; insert_qdq refuses it, naming the op.
-    return [edge if edge.is_weight else
-            dataclasses.replace(edge, tensor=resolve(edge.tensor) or edge.tensor)
+    def read_by_consumer(edge) -> str | None:
+        """The one data input of the consumer's ONNX node that none of the consumer's other
+        inputs is: for a tensor paddle2onnx computes with more than one node (a ``scale``
+        with a bias is a Mul and an Add; the Add's output is what the conv reads)."""
+        node = onnx_producer.get(resolve(edge.consumer_output) or edge.consumer_output)
+        op = made_by.get(edge.consumer_output)
+        if node is None or op is None:
+            return None
+        others = {resolve(n) for n in op.input_arg_names if n != edge.tensor}
+        candidates = {i for i in node.input if i and i not in constants and i not in others}
+        return candidates.pop() if len(candidates) == 1 else None
+
+    def onnx_tensor(edge) -> str:
+        name = resolve(edge.tensor)
+        node = onnx_producer.get(resolve(edge.consumer_output) or edge.consumer_output)
+        if name is None or (node is not None and name not in node.input):
+            name = read_by_consumer(edge) or name
+        # No single counterpart: keep the name; insert_qdq refuses it, naming the op.
+        return name or edge.tensor
+
+    return [edge if edge.is_weight else dataclasses.replace(edge, tensor=onnx_tensor(edge))
             for edge in edges]
 
 
