@@ -38,16 +38,18 @@ def _export(args) -> None:
 
 
 def _check(args) -> int:
-    from .export.target_check import target_problems
+    from .export.target_check import target_report
 
     if not Path(args.model).is_file():
         raise QATError(f"ONNX model {args.model} does not exist")
-    violations, what = target_problems(args.model, args.target)
-    for violation in violations:
+    report = target_report(args.model, args.target)
+    for violation in report.problems:
         print(violation)
-    print(f"{args.model}: {len(violations)} {what}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"{args.model}: {len(report.problems)} {report.what}")
     _print_cpu_note(args.model, args.target)
-    return 1 if violations else 0
+    return 1 if report.problems else 0
 
 
 def _print_cpu_note(model, target: str) -> None:

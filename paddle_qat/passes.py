@@ -34,6 +34,9 @@ from .placement import share_scales, unquantize_parameter_ops, use_unsigned_rang
 from .program_edit import ir_graphs, one_sync
 
 QUANT_OP_TYPES = ("quantize_linear", "dequantize_linear")
+# The Program attribute naming the QATConfig.target a program was quantized for (the export's
+# default target; a program read back from files has lost it).
+RECORDED_TARGET = "_paddle_qat_target"
 _WEIGHT_SLOT = {
     "conv2d": "Filter",
     "depthwise_conv2d": "Filter",
@@ -308,6 +311,7 @@ def quantize_program(
     if config.unsigned_activations:
         use_unsigned_ranges(program)
     _restore(scope, place, saved_state)
+    setattr(program, RECORDED_TARGET, config.target)
     if startup_program is not None:
         _add_startup_initializers(program, startup_program, scope)
     scales = sorted({

@@ -6,6 +6,8 @@ quantized op an INT8 kernel (asked, not assumed: its optimized graph is inspecte
 """
 
 import collections
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -19,7 +21,11 @@ import paddle_qat
 from paddle_qat import QATConfig, QATConfigError, QATError
 from paddle_qat.dygraph import quantize_model
 from paddle_qat.export import export_float_onnx, export_onnx
-from paddle_qat.export.onnxruntime_check import float_ops, optimized_model
+from paddle_qat.export.onnxruntime_check import (
+    float_ops,
+    float_output_ops,
+    optimized_model,
+)
 from paddle_qat.export.onnxruntime_graph import (
     fold_batch_norms,
     prepare_for_onnxruntime,
@@ -196,6 +202,113 @@ def test_tensorrt_placement_fails_the_onnxruntime_check(tmp_path):
                     scope=t["scope"], target="onnxruntime", check=False)
     problems = float_ops(str(tmp_path / "m.onnx"))
     assert any(p.startswith(("Conv", "FusedConv")) for p in problems)
+
+
+def dense_head_net():
+    """conv/bn/relu -> 1x1 conv whose output is the model's (a segmentation head), the loss on
+    its spatial mean."""
+    import paddle.nn.functional as F
+    from paddle import static
+
+    x = static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
+    y = static.data("label", [None, 1], "int64")
+    features = F.relu(static.nn.batch_norm(static.nn.conv2d(x, 8, 3, padding=1)))
+    scores = static.nn.conv2d(features, nets.CLASSES, 1)
+    return x, y, scores, paddle.mean(F.cross_entropy(paddle.mean(scores, axis=[2, 3]), y))
+
+
+def test_a_conv_computing_the_output_is_no_float_op_and_is_logged(tmp_path, caplog):
+    """ONNX Runtime fuses a conv into INT8 only with a quantizer on its output; on the model's
+    own output that would quantize what the model returns, which nothing trained."""
+    t = nets.train_qat(5, config=ORT_TARGET, net=dense_head_net)
+    path = tmp_path / "head.onnx"
+    with paddle.static.scope_guard(t["scope"]), caplog.at_level("INFO", "paddle_qat"):
+        export_onnx(t["test"], [t["image"]], [t["logits"]], path, scope=t["scope"])
+    assert float_ops(str(path)) == []
+    (last,) = float_output_ops(str(path))
+    assert last.startswith(("Conv", "FusedConv")) and "computes the model's output" in last
+    assert last in caplog.text
+    optimized = collections.Counter(n.op_type for n in optimized_model(str(path)).graph.node)
+    assert optimized["QLinearConv"] == 1  # the first conv: INT8 in and out
+    feed = next(nets.separable_batches(1, batch=16, seed=3))
+    expected = t["exe"].run(t["test"], feed=feed, fetch_list=[t["logits"]], scope=t["scope"])[0]
+    got = open_session(str(path))[0].run(None, {"image": feed["image"]})[0]
+    assert got.shape == expected.shape == (16, nets.CLASSES, nets.IMAGE, nets.IMAGE)
+    assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
+    checked = subprocess.run([sys.executable, "-m", "paddle_qat", "check", str(path),
+                              "--target", "onnxruntime"], capture_output=True, text=True,
+                             timeout=120)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert f"note: {last}" in checked.stdout
+    assert "0 op(s) ONNX Runtime runs in float" in checked.stdout
+
+
+def scaled_branch_net():
+    """conv/bn/relu -> 0.5 x + 0.1 (a legacy ``scale`` op with a bias) -> conv: no quantizer
+    can follow the relu, so the first conv stays float on ONNX Runtime."""
+    import paddle.nn.functional as F
+    from paddle import static
+
+    x = static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
+    y = static.data("label", [None, 1], "int64")
+    features = F.relu(static.nn.batch_norm(static.nn.conv2d(x, 8, 3, padding=1)))
+    halved = _legacy_op("scale", {"X": features}, scale=0.5, bias=0.1)
+    pooled = F.adaptive_avg_pool2d(static.nn.conv2d(halved, 8, 3, padding=1), 1)
+    logits = static.nn.fc(paddle.flatten(pooled, 1), nets.CLASSES)
+    return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
+
+
+def test_an_onnxruntime_trained_model_with_a_float_op_gets_the_advice_that_fits(tmp_path):
+    t = nets.train_qat(5, config=ORT_TARGET, net=scaled_branch_net)
+    path = tmp_path / "m.onnx"
+    with paddle.static.scope_guard(t["scope"]):
+        with pytest.raises(QATError) as refused:
+            export_onnx(t["test"], [t["image"]], [t["logits"]], path, scope=t["scope"])
+        assert not path.exists()
+        export_onnx(t["test"], [t["image"]], [t["logits"]], path, scope=t["scope"],
+                    check=False)
+    message = str(refused.value)
+    assert "1 op(s) ONNX Runtime runs in float" in message and "Conv" in message
+    assert "trained for ONNX Runtime" in message and "check=False" in message
+    assert "Train with QATConfig(target='onnxruntime')" not in message  # it was
+    assert len(float_ops(str(path))) == 1
+
+
+def test_a_positive_scalar_mul_before_a_quantizer_moves_into_its_scale():
+    """x -> Mul(0.5) -> Q/DQ -> conv: the Mul goes, the quantizer reads x with twice the step,
+    and ONNX Runtime computes the same integers (the concat before such a Mul in SqueezeNet
+    then ends in the quantizer and runs in INT8)."""
+    from paddle_qat.export.onnxruntime_graph import fold_scalar_muls_into_quantizers
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.float32(0.5), "half"),
+             numpy_helper.from_array(np.float32(0.03), "s"),
+             numpy_helper.from_array(np.uint8(0), "z"),
+             numpy_helper.from_array(rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8), "w"),
+             numpy_helper.from_array(np.full(4, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "wz")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Mul", ["r", "half"], ["m"]),
+             helper.make_node("QuantizeLinear", ["m", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["d", "wd"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.normal(0, 2, (2, 3, 6, 6)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=[
+            "CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert fold_scalar_muls_into_quantizers(model) == 1
+    assert "Mul" not in {n.op_type for n in model.graph.node}
+    quantizer = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert quantizer.input[0] == "r"
+    np.testing.assert_allclose(run(model), before, rtol=0, atol=1e-6)
 
 
 def test_unsigned_program_refuses_a_tensorrt_export(ort_trained, tmp_path):

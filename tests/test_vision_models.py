@@ -30,7 +30,7 @@ MODELS = [
     ("mobilenet_v2", {"scale": 0.25}, ("tensorrt", "onnxruntime")),
     ("mobilenet_v3_small", {"scale": 0.35}, ("tensorrt", "onnxruntime")),
     ("resnet18", {}, ("tensorrt", "onnxruntime")),
-    ("squeezenet1_1", {}, ("tensorrt",)),
+    ("squeezenet1_1", {}, ("tensorrt", "onnxruntime")),
     ("resnext50_32x4d", {}, ("tensorrt",)),  # grouped convs: per-channel scales per group
     ("shufflenet_v2_x0_25", {}, ("tensorrt", "onnxruntime")),
 ]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QATError, UnsupportedOpError
+from ..passes import RECORDED_TARGET
 from ..placement import parameter_behind
 from .atomic import atomic_path
 from .qdq_insert import insert_qdq
 from .quant_map import QuantEdge, read_quant_edges, strip_quant_ops
+
+_logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 13  # per-channel DequantizeLinear (axis) needs >= 13; paddle2onnx raises it for
 # ops that need more (HardSwish: 14) instead of aborting the process
@@ -23,27 +27,46 @@ class OnnxExport:
     target: str = "tensorrt"
 
 
-def trained_target(edges) -> str:
-    """The deployment target a program was trained for: unsigned quantizers exist only with
-    ``QATConfig(target="onnxruntime")``."""
+def trained_target(edges, program=None) -> str:
+    """The deployment target a program was trained for: the one ``quantize_program`` recorded
+    on it (eval programs from ``fleet.qat_init`` and :mod:`~paddle_qat.export.saved` have
+    it); for a program loaded from files, ``"onnxruntime"`` when it holds an unsigned
+    quantizer (only that target trains them; a model with no ReLU before a quantizer shows
+    none, so pass ``target=`` for such a loaded model)."""
+    recorded = getattr(program, RECORDED_TARGET, None)
+    if recorded is not None:
+        return recorded
     return "onnxruntime" if any(e.unsigned for e in edges) else "tensorrt"
 
 
-# how to get past each target's refusal
-_FIXES = {"tensorrt": "A model trained with QATConfig(target='onnxruntime') exports with "
-                      "target='onnxruntime' (CLI: --target onnxruntime)",
-          "onnxruntime": "Train with QATConfig(target='onnxruntime') for this placement, or "
-                         "pass check=False to write it anyway"}
+# how to get past each target's refusal, by (export target, trained target)
+_TRT_ONLY = ("A model trained with QATConfig(target='onnxruntime') exports with "
+             "target='onnxruntime' (CLI: --target onnxruntime)")
+_FIXES = {
+    ("tensorrt", "onnxruntime"): _TRT_ONLY,
+    ("tensorrt", "tensorrt"): "Pass check=False to write it anyway. " + _TRT_ONLY,
+    ("onnxruntime", "tensorrt"): "Train with QATConfig(target='onnxruntime') for this "
+                                 "placement, or pass check=False to write it anyway",
+    ("onnxruntime", "onnxruntime"): "The model was trained for ONNX Runtime: no quantizer "
+                                    "follows these ops because the op after each has no INT8 "
+                                    "kernel in ONNX Runtime (a BatchNormalization or Mul that "
+                                    "no conv absorbs) or was left in float by the skip "
+                                    "settings. Pass check=False to write the model with them "
+                                    "in float",
+}
 
 
-def _check(model, target: str) -> None:
-    from .target_check import target_problems
+def _check(model, target: str, trained: str) -> None:
+    from .target_check import target_report
 
-    violations, what = target_problems(model, target)
-    if violations:
-        listing = "\n".join(f"  - {v}" for v in violations)
-        raise QATError(f"the exported ONNX has {len(violations)} {what}:\n{listing}\n"
-                       f"{_FIXES[target]}")
+    report = target_report(model, target)
+    for note in report.notes:
+        _logger.info("paddle_qat: %s (an INT8 kernel there would quantize the model's output, "
+                     "which training does not simulate)", note)
+    if report.problems:
+        listing = "\n".join(f"  - {v}" for v in report.problems)
+        raise QATError(f"the exported ONNX has {len(report.problems)} {report.what}:\n"
+                       f"{listing}\n{_FIXES[(target, trained)]}")
 
 
 def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
@@ -217,13 +240,14 @@ def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int 
                        f"quantizers all feed other outputs (the loss); fetch the model output")
     float_model, float_program = _float_onnx(program, feed_vars, fetch_vars, scope, opset)
     edges = _onnx_names(edges, float_program, float_model)
-    target = trained_target(edges) if target is None else target
+    trained = trained_target(edges, program)
+    target = trained if target is None else target
     model = insert_qdq(float_model, edges, target)
     if target == "onnxruntime":
         prepare_for_onnxruntime(model)
     onnx.checker.check_model(model)
     if check:
-        _check(model, target)
+        _check(model, target, trained)
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))

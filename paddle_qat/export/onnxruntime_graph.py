@@ -3,7 +3,7 @@
 ONNX Runtime replaces ``DequantizeLinear -> op -> QuantizeLinear`` with an INT8 kernel
 (``QLinearConv``, ``QLinearAdd``, ...) and otherwise runs the op in float between the Q/DQ:
 slower than FP32. A Paddle QAT export, even with ``QATConfig(target="onnxruntime")``, keeps
-it from matching in five places, each rewritten here without changing what is computed
+it from matching in six places, each rewritten here without changing what is computed
 (beyond rounding biases to int32, as every INT8 runtime does):
 
 1. ``Conv -> BatchNormalization``: the norm is folded into the conv. The int8 weight stays as
@@ -26,6 +26,9 @@ it from matching in five places, each rewritten here without changing what is co
 5. Quantizers of one tensor with one scale and zero point become one, and a ``Shape`` that
    reads a quantized tensor reads its dequantized copy (same shape), so the op that made the
    tensor has the quantizer as its only reader, as the fusions require.
+6. ``Mul(positive scalar) -> QuantizeLinear``: the factor moves into the quantizer's scale
+   (see :func:`fold_scalar_muls_into_quantizers`), so the op before the Mul ends in the
+   quantizer.
 
 Example::
 
@@ -360,11 +363,44 @@ def remove_relu_before_unsigned(model) -> int:
     return removed
 
 
+def fold_scalar_muls_into_quantizers(model) -> int:
+    """``x -> Mul(c) -> QuantizeLinear(s)`` with ``c`` a positive scalar constant and only
+    quantizers reading the product becomes ``x -> QuantizeLinear(s / c)``: the same integers
+    (``x * c / s`` is ``x / (s / c)``, up to a float ulp at a tie), while their
+    DequantizeLinear keeps ``s``. A Paddle inference-time dropout (``downgrade_in_infer``,
+    SqueezeNet's) or ``scale`` op is such a Mul; without this the op before it (SqueezeNet's
+    last concat) ends in no quantizer and runs in float. Returns how many Muls went."""
+    g = _Graph(model)
+    outputs = {o.name for o in g.graph.output}
+    folded = 0
+    for mul in [n for n in g.graph.node if n.op_type == "Mul"]:
+        constant = [i for i in mul.input if g.is_constant(i)]
+        data = [i for i in mul.input if not g.is_constant(i)]
+        if len(constant) != 1 or len(data) != 1 or mul.output[0] in outputs:
+            continue
+        factor = g.value(constant[0])
+        readers = g.consumers[mul.output[0]]
+        if factor.size != 1 or not float(factor.reshape(())) > 0 or not readers or not all(
+                q.op_type == "QuantizeLinear" and q.input[0] == mul.output[0]
+                and g.is_constant(q.input[1]) for q in readers):
+            continue
+        for q in readers:
+            scale = g.value(q.input[1])
+            q.input[1] = g.set_initializer(f"{q.output[0]}.scale_over_{mul.output[0]}",
+                                           (scale / factor.reshape(())).astype(scale.dtype))
+            q.input[0] = data[0]
+        g.graph.node.remove(mul)
+        g.refresh()
+        folded += 1
+    return folded
+
+
 def prepare_for_onnxruntime(model):
-    """All five rewrites; returns ``model`` (changed in place)."""
+    """All six rewrites; returns ``model`` (changed in place)."""
     fold_batch_norms(model)
     quantize_conv_biases(model)
     quantize_matmul_biases(model)
+    fold_scalar_muls_into_quantizers(model)
     merge_quantizers(model)
     quantize_through_commuting_ops(model)
     merge_quantizers(model)
