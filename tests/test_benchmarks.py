@@ -23,7 +23,8 @@ def test_benchmark_script_writes_its_report(tmp_path):
                    "| QAT INT8, target onnxruntime / FP32 |", "trtexec --onnx=qat_int8.onnx",
                    "| QAT INT8 w7, target onnxruntime / FP32 |", "| ONNX Runtime INT8 kernels |",
                    "| QAT INT8 w7, target onnxruntime | int8 |",  # exact on every CPU
-                   "| ORT quantize_static PTQ INT8, CPU settings, reduce_range | int8 |"):
+                   "| ORT quantize_static PTQ INT8, CPU settings, reduce_range | int8 |",
+                   "| fleet minimize (s) |"):
         assert needle in text
 
 
