@@ -11,6 +11,7 @@ from ..errors import QATError, UnsupportedOpError
 from ..passes import RECORDED_TARGET
 from ..placement import parameter_behind
 from .atomic import atomic_path
+from .paddle2onnx_fixes import restore_approximate_gelus
 from .qdq_insert import insert_qdq
 from .quant_map import QuantEdge, read_quant_edges, strip_quant_ops
 
@@ -199,7 +200,9 @@ def _float_onnx(program, feed_vars, fetch_vars, scope, opset: int):
                                         verbose=False, enable_onnx_checker=True)
     if not onnx_bytes:
         raise QATError("paddle2onnx returned no model (its messages above say why)")
-    return onnx.load_model_from_string(onnx_bytes), float_program
+    model = onnx.load_model_from_string(onnx_bytes)
+    restore_approximate_gelus(model, float_program)
+    return model, float_program
 
 
 def export_onnx(program, feed_vars, fetch_vars, path, *, scope=None, opset: int = DEFAULT_OPSET,
