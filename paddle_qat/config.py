@@ -36,6 +36,12 @@ ACTIVATION_OP_TYPES: tuple[str, ...] = (
     "hard_swish",
     "hard_sigmoid",
     "swish",
+    "silu",
+    "gelu",
+    "mish",
+    "tanh",
+    "softplus",
+    "elu",
     "bilinear_interp_v2",
     "nearest_interp_v2",
 )
@@ -47,11 +53,12 @@ TARGETS: tuple[str, ...] = ("tensorrt", "onnxruntime")
 # ONNX Runtime's CPU kernels run an op in INT8 only between a DequantizeLinear on every input
 # and a QuantizeLinear on its output, so its target also quantizes these ops' inputs: then
 # the conv before them ends in a quantizer, and each has an INT8 kernel of its own (QLinear*),
-# except hard_swish and hard_sigmoid (the gate of MobileNetV3's squeeze-excitation), which
-# ONNX Runtime computes in float between the quantizers.
+# except hard_swish and hard_sigmoid (the gate of MobileNetV3's squeeze-excitation) and the
+# smooth activations (SiLU/swish of EfficientNet and YOLO, GELU, Mish, tanh, softplus, ELU),
+# which ONNX Runtime computes in float between the quantizers, as after its own PTQ.
 ONNXRUNTIME_ACTIVATION_OP_TYPES: tuple[str, ...] = (
     "elementwise_add", "pool2d", "concat", "elementwise_mul", "sigmoid", "leaky_relu",
-    "hard_swish", "hard_sigmoid")
+    "hard_swish", "hard_sigmoid", "swish", "silu", "gelu", "mish", "tanh", "softplus", "elu")
 
 # quantize_linear's kernel hard-codes its moving-average decay (the pass's attribute is
 # dropped because the op does not declare it); measured on Paddle 3.3.1.
@@ -107,7 +114,8 @@ class QATConfig:
             the identity branch of residual adds, as TensorRT fuses them.
             ``"onnxruntime"``: for ONNX Runtime's CPU INT8 kernels. Every input of residual
             adds, pooling, concat, elementwise multiplies and non-ReLU activations (sigmoid,
-            leaky ReLU, hard swish, hard sigmoid) is quantized too, and tensors that cannot be
+            leaky ReLU, hard swish, hard sigmoid, SiLU / swish, GELU, Mish, tanh, softplus,
+            ELU) is quantized too, and tensors that cannot be
             negative (after ReLU) use the unsigned range [0, 255], so the exported
             ``Relu -> QuantizeLinear`` folds and every conv becomes a ``QLinearConv``.
             Export it with the same target; its check names any op left in float.

@@ -118,6 +118,21 @@ def _restore(scope, place, saved: dict[str, np.ndarray]) -> None:
             var.get_tensor().set(value, place)
 
 
+# Activations Paddle 3.3.1's AddQuantDequantPassV2 does not know, with their (input, output)
+# slots; the pass only needs these to quantize an op's inputs.
+_EXTRA_ACTIVATION_SLOTS = {"silu": [["X"], ["Out"]], "mish": [["X"], ["Out"]],
+                           "elu": [["X"], ["Out"]]}
+
+
+def _register_activation_ops() -> None:
+    from paddle.static.quantization import quant_config
+
+    for table in (quant_config.SUPPORT_ACT_QUANTIZATION_OP_DICT,
+                  quant_config.SUPPORT_QUANTIZATION_OP_DICT):
+        for op_type, slots in _EXTRA_ACTIVATION_SLOTS.items():
+            table.setdefault(op_type, slots)
+
+
 def _apply_paddle_passes(program, config: QATConfig, scope, place, for_test: bool):
     from paddle.static.quantization.quantization_pass import (
         AddQuantDequantForResidual,
@@ -126,6 +141,7 @@ def _apply_paddle_passes(program, config: QATConfig, scope, place, for_test: boo
         QuantizationTransformPassV2,
     )
 
+    _register_activation_ops()
     graph, sub_graphs = ir_graphs(program, for_test)
     passes = [
         QuantizationTransformPassV2(

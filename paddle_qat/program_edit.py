@@ -26,20 +26,22 @@ def _ir_graph_class():
             node_out.append_input(node_in)
 
         def update_input_link(self, old_input_node, new_input_node, op_node):
-            old_input_node.remove_output(op_node)
-            op_node.remove_input(old_input_node)
-            new_input_node.append_output(op_node)
-            op_node.append_input(new_input_node)
-            op_node.rename_input(old_input_node.name(), new_input_node.name())
+            _move_link(op_node, old_input_node, new_input_node, "input")
 
         def update_output_link(self, old_output_node, new_output_node, op_node):
-            old_output_node.remove_input(op_node)
-            op_node.remove_output(old_output_node)
-            new_output_node.append_input(op_node)
-            op_node.append_output(new_output_node)
-            op_node.rename_output(old_output_node.name(), new_output_node.name())
+            _move_link(op_node, old_output_node, new_output_node, "output")
 
     return LinkingIrGraph
+
+
+def _move_link(op_node, old, new, side: str) -> None:
+    """``op_node``'s ``side`` ("input" or "output") link from ``old`` to ``new``, both ways."""
+    far = "output" if side == "input" else "input"
+    getattr(old, f"remove_{far}")(op_node)
+    getattr(op_node, f"remove_{side}")(old)
+    getattr(new, f"append_{far}")(op_node)
+    getattr(op_node, f"append_{side}")(new)
+    getattr(op_node, f"rename_{side}")(old.name(), new.name())
 
 
 def ir_graphs(program, for_test: bool):

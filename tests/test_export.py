@@ -327,26 +327,28 @@ def test_eval_program_has_one_qdq_per_quantized_input(trained):
 
 
 def test_quantized_op_without_onnx_mapping_is_named(tmp_path):
-    """swish is quantizable in training, but paddle2onnx splits it into Sigmoid and Mul: no
-    single ONNX node to carry its Q/DQ, so export refuses instead of dropping them."""
+    """nearest_interp_v2 is quantizable in training, but the exporter knows no ONNX node
+    that carries its input Q/DQ: export refuses instead of dropping them."""
     import paddle.nn.functional as F
 
-    def swish_net():
+    def upsampling_net():
         x = paddle.static.data("image", [None, 3, 8, 8], "float32")
         conv = paddle.static.nn.conv2d(x, 4, 3, padding=1)
-        logits = paddle.static.nn.fc(paddle.flatten(F.swish(conv), 1), 4)
+        up = F.interpolate(conv, scale_factor=2, mode="nearest")
+        logits = paddle.static.nn.fc(paddle.flatten(up, 1), 4)
         return x, None, logits, paddle.mean(logits)
 
     scope = paddle.static.Scope()
     with paddle.static.scope_guard(scope):
-        _, startup, test, (image, _, logits, _) = nets.build(swish_net)
+        _, startup, test, (image, _, logits, _) = nets.build(upsampling_net)
         paddle.static.Executor(paddle.CPUPlace()).run(startup)
-        paddle_qat.quantize_program(test, paddle_qat.QATConfig(activation_op_types=("swish",)),
-                                    for_test=True)
+        paddle_qat.quantize_program(
+            test, paddle_qat.QATConfig(activation_op_types=("nearest_interp_v2",)),
+            for_test=True)
         _calibrate_by_hand(test, scope)
         with pytest.raises(paddle_qat.UnsupportedOpError,
-                           match=r"input 'conv2d_0.tmp_[01]' of Paddle op 'swish': no ONNX "
-                                 r"mapping"):
+                           match=r"input 'conv2d_0.tmp_[01]' of Paddle op 'nearest_interp_v2': "
+                                 r"no ONNX mapping"):
             export_onnx(test, [image], [logits], tmp_path / "m.onnx", scope=scope)
     assert not list(tmp_path.iterdir())
 

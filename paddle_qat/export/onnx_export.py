@@ -12,7 +12,7 @@ from ..passes import RECORDED_TARGET
 from ..placement import parameter_behind
 from .atomic import atomic_path
 from .paddle2onnx_fixes import restore_approximate_gelus
-from .qdq_insert import insert_qdq
+from .qdq_insert import ONNX_CONSUMERS, insert_qdq
 from .quant_map import QuantEdge, read_quant_edges, strip_quant_ops
 
 _logger = logging.getLogger(__name__)
@@ -134,8 +134,9 @@ def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
 
     def onnx_tensor(edge) -> str:
         name = resolve(edge.tensor)
-        node = onnx_producer.get(resolve(edge.consumer_output) or edge.consumer_output)
-        if name is None or (node is not None and name not in node.input):
+        kinds = ONNX_CONSUMERS.get(edge.consumer, frozenset())
+        if name is None or not any(n.op_type in kinds and name in n.input
+                                   for n in model.graph.node):
             name = read_by_consumer(edge) or name
         # No single counterpart: keep the name; insert_qdq refuses it, naming the op.
         return name or edge.tensor

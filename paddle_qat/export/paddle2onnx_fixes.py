@@ -68,14 +68,17 @@ def restore_approximate_gelus(model, float_program) -> int:
             graph.node.remove(node)
         tag = f"paddle_qat.gelu_tanh.{index}"
         constants = {"cubic": 0.044715, "slope": math.sqrt(2.0 / math.pi), "one": 1.0,
-                     "half": 0.5}
+                     "half": 0.5, "two": 2.0}
         for name, value in constants.items():
             graph.initializer.append(numpy_helper.from_array(np.float32(value),
                                                              f"{tag}.{name}"))
         c = {name: f"{tag}.{name}" for name in constants}
         # x + 0.044715 x^3 as x (1 + 0.044715 x^2): no Add of two data tensors, which
-        # TensorRT's rules would read as a residual add after the conv that made x
-        steps = [("Mul", [x, x], "square"), ("Mul", [f"{tag}.square", c["cubic"]], "cubic_x2"),
+        # TensorRT's rules would read as a residual add after the conv that made x; x^2 as a
+        # Pow, not x * x, which ONNX Runtime's check would take for an elementwise multiply
+        # of two quantized tensors left in float
+        steps = [("Pow", [x, c["two"]], "square"),
+                 ("Mul", [f"{tag}.square", c["cubic"]], "cubic_x2"),
                  ("Add", [f"{tag}.cubic_x2", c["one"]], "poly"),
                  ("Mul", [x, f"{tag}.poly"], "inner"),
                  ("Mul", [f"{tag}.inner", c["slope"]], "scaled"),

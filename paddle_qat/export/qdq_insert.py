@@ -35,6 +35,14 @@ ONNX_CONSUMERS: dict[str, frozenset[str]] = {
     "leaky_relu": frozenset({"LeakyRelu"}),
     "hard_swish": frozenset({"HardSwish"}),
     "hard_sigmoid": frozenset({"HardSigmoid"}),
+    # paddle2onnx's nodes that read the activation's input
+    "swish": frozenset({"Sigmoid", "Mul"}),
+    "silu": frozenset({"Sigmoid", "Mul"}),
+    "gelu": frozenset({"Div", "Mul", "Pow"}),  # erf form; tanh form (paddle2onnx_fixes)
+    "mish": frozenset({"Softplus", "Mul"}),
+    "tanh": frozenset({"Tanh"}),
+    "softplus": frozenset({"Softplus"}),
+    "elu": frozenset({"Elu"}),
 }
 
 
