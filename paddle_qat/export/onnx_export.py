@@ -41,11 +41,10 @@ def trained_target(edges, program=None) -> str:
 
 
 # how to get past each target's refusal, by (export target, trained target)
-_TRT_ONLY = ("A model trained with QATConfig(target='onnxruntime') exports with "
-             "target='onnxruntime' (CLI: --target onnxruntime)")
 _FIXES = {
-    ("tensorrt", "onnxruntime"): _TRT_ONLY,
-    ("tensorrt", "tensorrt"): "Pass check=False to write it anyway. " + _TRT_ONLY,
+    ("tensorrt", "onnxruntime"): "A model trained with QATConfig(target='onnxruntime') exports "
+                                 "with target='onnxruntime' (CLI: --target onnxruntime)",
+    ("tensorrt", "tensorrt"): "Pass check=False to write it anyway",
     ("onnxruntime", "tensorrt"): "Train with QATConfig(target='onnxruntime') for this "
                                  "placement, or pass check=False to write it anyway",
     ("onnxruntime", "onnxruntime"): "The model was trained for ONNX Runtime: no quantizer "
@@ -132,11 +131,15 @@ def _onnx_names(edges, float_program, model) -> list[QuantEdge]:
         candidates = {i for i in node.input if i and i not in constants and i not in others}
         return candidates.pop() if len(candidates) == 1 else None
 
+    read_as: dict[str, set[str]] = {}  # tensor: the op types of the ONNX nodes reading it
+    for node in model.graph.node:
+        for name in node.input:
+            read_as.setdefault(name, set()).add(node.op_type)
+
     def onnx_tensor(edge) -> str:
         name = resolve(edge.tensor)
-        kinds = ONNX_CONSUMERS.get(edge.consumer, frozenset())
-        if name is None or not any(n.op_type in kinds and name in n.input
-                                   for n in model.graph.node):
+        if name is None or not read_as.get(name, set()) & ONNX_CONSUMERS.get(edge.consumer,
+                                                                            frozenset()):
             name = read_by_consumer(edge) or name
         # No single counterpart: keep the name; insert_qdq refuses it, naming the op.
         return name or edge.tensor
