@@ -267,6 +267,23 @@ def test_gelu_exports_the_function_paddle_computed(tmp_path, approximate, kept):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def test_an_approximate_gelu_paddle2onnx_wrote_otherwise_is_refused_by_name():
+    """The rewrite only replaces paddle2onnx's own exact-GELU nodes; anything else is named."""
+    from paddle_qat.export.paddle2onnx_fixes import restore_approximate_gelus
+
+    main = paddle.static.Program()
+    with paddle.static.program_guard(main, paddle.static.Program()):
+        x = paddle.static.data("x", [None, 4], "float32")
+        y = paddle.nn.functional.gelu(x, approximate=True)
+    graph = helper.make_graph(  # a translation that is neither erf-GELU nor the tanh formula
+        [helper.make_node("Sigmoid", ["x"], [y.name])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(y.name, onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(QATError, match=rf"gelu\(approximate=True\) '{y.name}'.*approximate=False"):
+        restore_approximate_gelus(model, main)
+
+
 # ---- the checker: one hand-broken graph per rule -------------------------------------------
 
 def _qdq_conv_model(zero_dtype=np.int8, zero_value=0, scale_value=0.02, weight_dtype=np.int8,
