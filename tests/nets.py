@@ -17,6 +17,17 @@ def residual_cnn(image: int = IMAGE, classes: int = CLASSES, channels: int = 8):
                                       classes=classes, width=channels))
 
 
+def legacy_op(op_type, inputs, **attrs):
+    """One legacy-IR op appended by hand (one that Paddle 3.3.1's functional API builds only in
+    PIR, or with attributes it does not expose); returns its output."""
+    from paddle.base.layer_helper import LayerHelper
+
+    helper = LayerHelper(op_type)
+    out = helper.create_variable_for_type_inference("float32")
+    helper.append_op(type=op_type, inputs=inputs, outputs={"Out": out}, attrs=attrs)
+    return out
+
+
 def build(net=residual_cnn, seed: int = 7):
     """Fresh (main, startup, test, tensors) with the eval clone taken before any optimizer."""
     main, startup = static.Program(), static.Program()

@@ -203,14 +203,10 @@ def test_atomic_write_leaves_the_old_file_when_export_fails(trained, tmp_path):
 def _normalized_input_net(bias_after_scale: bool):
     """image -> 0.5 x + 0.1 (a legacy ``scale`` op with a bias: input normalization) -> conv:
     paddle2onnx writes it as two nodes (Mul and Add), and the conv reads the second."""
-    from paddle.base.layer_helper import LayerHelper
-
     image = paddle.static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
     label = paddle.static.data("label", [None, 1], "int64")
-    helper = LayerHelper("scale")
-    normalized = helper.create_variable_for_type_inference("float32")
-    helper.append_op(type="scale", inputs={"X": image}, outputs={"Out": normalized},
-                     attrs={"scale": 0.5, "bias": 0.1, "bias_after_scale": bias_after_scale})
+    normalized = nets.legacy_op("scale", {"X": image}, scale=0.5, bias=0.1,
+                                bias_after_scale=bias_after_scale)
     features = paddle.nn.functional.relu(paddle.static.nn.batch_norm(
         paddle.static.nn.conv2d(normalized, 8, 3, padding=1)))
     pooled = paddle.flatten(paddle.nn.functional.adaptive_avg_pool2d(features, 1), 1)
@@ -373,15 +369,9 @@ def test_quantized_op_without_onnx_mapping_is_named(tmp_path):
 def test_an_op_paddle2onnx_cannot_translate_is_named_not_a_process_abort(tmp_path):
     """paddle2onnx 1.3.1 aborts the process (SIGABRT) on an unsupported op such as erfinv;
     the exporter asks paddle2onnx's own op list first."""
-    from paddle.base.layer_helper import LayerHelper
-
     def net():
         image, label, logits, _ = nets.residual_cnn()
-        helper = LayerHelper("erfinv")
-        squashed = helper.create_variable_for_type_inference("float32")
-        helper.append_op(type="tanh", inputs={"X": logits}, outputs={"Out": squashed})
-        out = helper.create_variable_for_type_inference("float32")
-        helper.append_op(type="erfinv", inputs={"X": squashed}, outputs={"Out": out})
+        out = nets.legacy_op("erfinv", {"X": nets.legacy_op("tanh", {"X": logits})})
         import paddle.nn.functional as F
         return image, label, out, paddle.mean(F.cross_entropy(logits, label))
 

@@ -121,16 +121,6 @@ def test_export_runs_every_quantized_op_int8_in_onnxruntime_and_matches_paddle(
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
 
 
-def _legacy_op(op_type, inputs, **attrs):
-    """One legacy-IR op (paddle.nn.functional's sigmoid / multiply only build PIR in 3.3.1)."""
-    from paddle.base.layer_helper import LayerHelper
-
-    helper = LayerHelper(op_type)
-    out = helper.create_variable_for_type_inference("float32")
-    helper.append_op(type=op_type, inputs=inputs, outputs={"Out": out}, attrs=attrs)
-    return out
-
-
 def mobile_net():
     """conv/bn/hard swish -> conv(+bias)/leaky ReLU -> squeeze-excite gate (sigmoid, mul) ->
     pool -> fc: the activations of MobileNetV3-style models, biased convs included."""
@@ -141,8 +131,8 @@ def mobile_net():
     y = static.data("label", [None, 1], "int64")
     a = F.hardswish(static.nn.batch_norm(static.nn.conv2d(x, 8, 3, padding=1, bias_attr=False)))
     b = F.leaky_relu(static.nn.conv2d(a, 8, 3, padding=1), 0.1)
-    gate = _legacy_op("sigmoid", {"X": static.nn.conv2d(F.adaptive_avg_pool2d(b, 1), 8, 1)})
-    c = _legacy_op("elementwise_mul", {"X": b, "Y": gate}, axis=-1)
+    gate = nets.legacy_op("sigmoid", {"X": static.nn.conv2d(F.adaptive_avg_pool2d(b, 1), 8, 1)})
+    c = nets.legacy_op("elementwise_mul", {"X": b, "Y": gate}, axis=-1)
     logits = static.nn.fc(paddle.flatten(F.adaptive_avg_pool2d(c, 1), 1), nets.CLASSES)
     return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
 
@@ -252,7 +242,7 @@ def scaled_branch_net():
     x = static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
     y = static.data("label", [None, 1], "int64")
     features = F.relu(static.nn.batch_norm(static.nn.conv2d(x, 8, 3, padding=1)))
-    halved = _legacy_op("scale", {"X": features}, scale=0.5, bias=0.1)
+    halved = nets.legacy_op("scale", {"X": features}, scale=0.5, bias=0.1)
     pooled = F.adaptive_avg_pool2d(static.nn.conv2d(halved, 8, 3, padding=1), 1)
     logits = static.nn.fc(paddle.flatten(pooled, 1), nets.CLASSES)
     return x, y, logits, paddle.mean(F.cross_entropy(logits, y))

@@ -316,10 +316,9 @@ def merge_quantizers(model) -> int:
             changed = True
         shapes = [n for n in readers if n.op_type == "Shape" and n.input[0] == name]
         dequantized = [n.output[0] for q in kept.values() for n in g.consumers[q.output[0]]
-                       if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]
-        if shapes and dequantized:
-            for node in shapes:
-                node.input[0] = dequantized[0]
+                       if n.op_type == "DequantizeLinear"] if shapes else []
+        for node in shapes if dequantized else ():
+            node.input[0] = dequantized[0]
             changed = True
         if changed:  # only an edit stales the maps (one refresh per edit, not per tensor)
             g.refresh()
