@@ -103,7 +103,7 @@ class QATConfig:
         quantize_residual_add: put Q/DQ on the identity branch of every residual
             ``elementwise_add`` so TensorRT can fuse the add into the conv as INT8.
         share_scales: quantizers of tensors TensorRT merges (Concat inputs and output,
-            pooling and data-movement input and output) share one scale variable in
+            max pooling and data-movement input and output) share one scale variable in
             training, so the export meets TensorRT's rules 8 and 9 (see
             :mod:`paddle_qat.placement`).
         collect_output_scales: also observe every op's output range (``out_threshold``). Costs

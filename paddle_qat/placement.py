@@ -1,16 +1,15 @@
 """TensorRT-friendly Q/DQ placement, enforced in the program: one scale where TensorRT merges.
 
-TensorRT runs Concat, MaxPool / AvgPool and data-movement ops in INT8 only when their inputs
-and output carry the same scale (shared/TRT_QDQ_RULES.md, rules 8 and 9); otherwise it adds
+TensorRT runs Concat, MaxPool and data-movement ops in INT8 only when their inputs and
+output carry the same scale (shared/TRT_QDQ_RULES.md, rules 8 and 9); otherwise it adds
 reformats, and a QAT engine ends up slower than PTQ. Paddle's passes give every quantizer
 its own moving average, so after them :func:`share_scales` joins the quantizers of tensors
-linked through such ops into one group that reads and updates one scale (and one
-moving-average state and accum): training learns the shared scale, the eval program reads
-it, and the exported ONNX satisfies the checker by construction, not by an after-the-fact
-patch.
+linked through such ops into one group that reads one scale: training learns the shared
+scale, the eval program reads it, and the exported ONNX satisfies the checker by
+construction, not by an after-the-fact patch.
 
-A shared moving average is updated by every member each step, so it follows the maxima of
-all the tensors TensorRT will treat as one.
+A shared moving average is updated by every member each step; an average pool keeps its own
+output scale (see :func:`_requantizes`).
 """
 
 from __future__ import annotations
@@ -88,6 +87,13 @@ def _rename(op, old: str, new: str) -> None:
         op._rename_output(old, new)
 
 
+def _requantizes(op) -> bool:
+    """An average pool: its INT8 kernel (TensorRT's quantized AveragePool, ONNX Runtime's
+    QLinear(Global)AveragePool) writes its own output scale, and an average's range is
+    narrower than its input's (a global pool's about 4x here), so sharing would waste levels."""
+    return op.type == "pool2d" and op.attr("pooling_type") == "avg"
+
+
 def share_scales(program) -> list[tuple[str, ...]]:
     """Make the activation quantizers of tensors joined by Concat, pooling and data-movement
     ops use one scale variable (and one state / accum) per group; returns the groups' scale
@@ -98,7 +104,7 @@ def share_scales(program) -> list[tuple[str, ...]]:
     for op in block.ops:
         slots = SCALE_SHARING_OPS.get(op.type)
         if slots is None or int(op.attr("op_role")) not in (0, 256) or \
-                _OUTPUT_SLOT not in op.output_names:
+                _OUTPUT_SLOT not in op.output_names or _requantizes(op):
             continue  # forward ops only: their grads and optimizer ops are not data
         for slot in slots:
             for name in op.input(slot):

@@ -28,6 +28,20 @@ def legacy_op(op_type, inputs, **attrs):
     return out
 
 
+def wide_and_narrow_net():
+    """Two conv branches, one scaled to a fiftieth, joined by a concat -> conv -> fc."""
+    import paddle
+    import paddle.nn.functional as F
+
+    x = static.data("image", [None, 3, IMAGE, IMAGE], "float32")
+    y = static.data("label", [None, 1], "int64")
+    wide = F.relu(static.nn.conv2d(x, 4, 3, padding=1))
+    narrow = paddle.scale(F.relu(static.nn.conv2d(x, 4, 1)), 0.02)
+    out = F.relu(static.nn.conv2d(paddle.concat([wide, narrow], axis=1), 4, 3, padding=1))
+    logits = static.nn.fc(paddle.flatten(out, 1), CLASSES)
+    return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
+
+
 def build(net=residual_cnn, seed: int = 7):
     """Fresh (main, startup, test, tensors) with the eval clone taken before any optimizer."""
     main, startup = static.Program(), static.Program()

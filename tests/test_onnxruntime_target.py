@@ -106,9 +106,14 @@ def test_export_runs_every_quantized_op_int8_in_onnxruntime_and_matches_paddle(
     constants = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     assert {t.name for t in model.graph.initializer} | constants <= read  # no folded leftovers
 
-    optimized = collections.Counter(n.op_type for n in optimized_model(model).graph.node)
+    graph = optimized_model(model).graph
+    optimized = collections.Counter(n.op_type for n in graph.node)
     assert optimized["QLinearConv"] == 2 and optimized["QLinearAdd"] == 1
     assert optimized["QLinearGlobalAveragePool"] == 1
+    # the average keeps its own, narrower output scale (its input's wasted levels)
+    (pool,) = [n for n in graph.node if n.op_type == "QLinearGlobalAveragePool"]
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert values[pool.input[3]] < 0.6 * values[pool.input[1]]
     assert not {"Conv", "FusedConv", "BatchNormalization", "Relu"} & set(optimized)
     assert float_ops(model) == []
 
@@ -529,8 +534,9 @@ def test_two_ranks_average_every_onnxruntime_quantizer(two_ranks):
     fleet_minimize(two_ranks, strategy, main, startup, loss)
     quantizers = _quantizers(main)
     scales = {q.input("Scale")[0] for q, _ in quantizers.values()}
-    # image, stem, add branch, and the block output shared by the pools and the fc input
-    assert len(scales) == 4
+    # image, stem, add branch, the block output shared by the pools, and the average pool's
+    # output (the fc input)
+    assert len(scales) == 5
     assert any(q.attr("qmin") == 0 for q, _ in quantizers.values())
     state = activation_quant_state(main)
     assert {n for n in state if n.endswith("@scale")} == scales
