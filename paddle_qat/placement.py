@@ -8,8 +8,9 @@ linked through such ops into one group that reads one scale: training learns the
 scale, the eval program reads it, and the exported ONNX satisfies the checker by
 construction, not by an after-the-fact patch.
 
-A shared moving average is updated by every member each step; an average pool keeps its own
-output scale (see :func:`_requantizes`).
+One member of a group, the widest, updates the shared moving average (see
+:func:`_one_observer_per_group`); an average pool keeps its own output scale (see
+:func:`_requantizes`).
 """
 
 from __future__ import annotations
@@ -144,8 +145,96 @@ def share_scales(program) -> list[tuple[str, ...]]:
                 if not any(old in op.input_arg_names + op.output_arg_names for op in block.ops):
                     block._remove_var(old, sync=False)
     _drop_repeated_quantizers(block)
+    _one_observer_per_group(block)
     program._sync_with_cpp()
     return merged
+
+
+# How a scale-sharing op relates the abs-max of its input and output: a concat's output is the
+# widest of its inputs, a max pool's or split's input the widest of its outputs; data movement
+# and casts keep it.
+_WIDER_INPUT = ("pool2d", "split")
+_WIDER_OUTPUT = ("concat",)
+
+
+def _at_least_as_wide(block) -> dict[str, set[str]]:
+    """``wider[a]``: the tensors whose abs-max cannot exceed ``a``'s, one scale-sharing op (or
+    Q/DQ pair) away."""
+    wider: dict[str, set[str]] = {}
+
+    def link(big: str, small: str) -> None:
+        wider.setdefault(big, set()).add(small)
+
+    for op in block.ops:
+        if int(op.attr("op_role")) not in (0, 256):
+            continue
+        if op.type == "dequantize_linear":
+            link(op.output("Y")[0], op.input("X")[0])
+            link(op.input("X")[0], op.output("Y")[0])
+            continue
+        if op.type == "quantize_linear":
+            link(op.output("Y")[0], op.input("X")[0])
+            link(op.input("X")[0], op.output("Y")[0])
+            continue
+        slots = SCALE_SHARING_OPS.get(op.type)
+        if slots is None or _OUTPUT_SLOT not in op.output_names or _requantizes(op):
+            continue
+        for slot in slots:
+            for source in op.input(slot):
+                for output in op.output(_OUTPUT_SLOT):
+                    if op.type not in _WIDER_OUTPUT:
+                        link(source, output)
+                    if op.type not in _WIDER_INPUT:
+                        link(output, source)
+    return wider
+
+
+def _one_observer_per_group(block) -> None:
+    """Let one quantizer of each scale group update the shared moving average: the one whose
+    tensor is at least as wide as every other member's (a concat's output, a max pool's
+    input); the others quantize with the scale it keeps, as the eval program does.
+
+    Updated by every member, the average follows the mean of the members' batch maxima, not
+    the widest one's, so the group's widest tensor is clipped in training and at export while
+    PTQ calibrates the group to its widest member (measured on the demo, before average pools
+    kept their own scale: QAT pulled a residual block's shared scale from 0.106 to 0.059,
+    dragged down by the global pool's output). Where no member is the widest (a concat
+    whose output is not quantized), every member keeps updating."""
+    observers: dict[str, list] = {}
+    for q in activation_quantizers(block):
+        if "InState" in q.input_names and q.input("InState"):
+            observers.setdefault(q.input("Scale")[0], []).append(q)
+    wider = _at_least_as_wide(block)
+    for members in observers.values():
+        if len(members) < 2:
+            continue
+        tensors = {q.input("X")[0] for q in members}
+        leader = next((q for q in members
+                       if tensors <= _reachable(q.input("X")[0], wider)), None)
+        if leader is None:
+            continue
+        for q in members:
+            if q is not leader:
+                _stop_observing(q)
+
+
+def _reachable(start: str, edges: dict[str, set[str]]) -> set[str]:
+    seen, todo = {start}, [start]
+    while todo:
+        for name in edges.get(todo.pop(), ()):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
+def _stop_observing(q) -> None:
+    """Turn a training quantizer into one that reads its scale (an eval program's kind)."""
+    for slot in ("InState", "InAccum"):
+        q.desc.set_input(slot, [])
+    for slot in ("OutScale", "OutState", "OutAccum"):
+        q.desc.set_output(slot, [])
+    q._set_attr("is_test", True)
 
 
 def _drop_repeated_quantizers(block) -> None:

@@ -48,13 +48,44 @@ def test_concat_and_pool_quantizers_learn_one_scale_together():
     quantizers = [_quantizer_of(t["main"], n) for n in concat.input("X")]
     quantizers += [_quantizer_of(t["main"], pool.input("X")[0]),
                    _quantizer_of(t["main"], conv.input("Input")[0])]
-    for slot in ("Scale", "InState", "InAccum"):
-        assert len({q.input(slot)[0] for q in quantizers}) == 1, slot
-    assert quantizers[0].output("OutScale") == quantizers[0].input("Scale")
-    # Every member updates the shared average each step: state grows 4x as fast.
-    state = float(np.array(t["scope"].find_var(quantizers[0].input("InState")[0])
+    assert len({q.input("Scale")[0] for q in quantizers}) == 1
+    # One member, the concat's output (the widest), updates the shared average each step.
+    observers = [q for q in quantizers if q.input("InState")]
+    assert [q.input("X")[0] for q in observers] == [concat.output("Out")[0]]
+    assert observers[0].output("OutScale") == observers[0].input("Scale")
+    state = float(np.array(t["scope"].find_var(observers[0].input("InState")[0])
                            .get_tensor())[0])
-    assert state == pytest.approx(sum(0.9 ** k for k in range(4 * 20)), rel=1e-4)
+    assert state == pytest.approx(sum(0.9 ** k for k in range(20 + 1)), rel=1e-6)
+
+
+def test_a_shared_scale_follows_the_widest_member_and_the_others_quantize_with_it():
+    """PTQ calibrates a group to its widest tensor; QAT's moving average must too. Averaged
+    over every member (a wide branch, a much narrower one, their concat) it would settle
+    near the mean of their maxima and clip the wide branch."""
+    config = QATConfig(activation_op_types=("concat",))
+    t = nets.train_qat(0, config=config, net=nets.wide_and_narrow_net)
+    block, scope = t["main"].global_block(), t["scope"]
+    (concat,) = [op for op in block.ops if op.type == "concat"]
+    joined, (_, narrow_dq) = concat.output("Out")[0], concat.input("X")
+    narrow = _quantizer_of(t["main"], narrow_dq).input("X")[0]
+    scale_name = _quantizer_of(t["main"], joined).input("Scale")[0]
+
+    def value(name):
+        return np.array(scope.find_var(name).get_tensor())
+
+    state = accum = 1.0  # the startup program's initial state and accum
+    for feed in nets.separable_batches(6):
+        before = float(value(scale_name)[0])
+        got_joined, got_narrow, got_dq = t["exe"].run(
+            t["main"], feed=feed, fetch_list=[joined, narrow, narrow_dq],
+            scope=scope)
+        state, accum = 0.9 * state + 1, 0.9 * accum + float(np.abs(got_joined).max())
+        assert float(value(scale_name)[0]) == pytest.approx(accum / state, rel=1e-5)
+        # the narrow branch runs before the concat's quantizer: it used the scale as it was
+        step = before / 127
+        expected = np.clip(np.round(got_narrow / step), -128, 127) * step
+        np.testing.assert_allclose(got_dq, expected, rtol=0, atol=step * 1e-3)
+    assert np.abs(got_narrow).max() < 0.3 * np.abs(got_joined).max()  # it is narrow
 
 
 def test_shared_scales_export_cleanly_and_faithfully(tmp_path):
