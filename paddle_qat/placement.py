@@ -168,11 +168,7 @@ def _at_least_as_wide(block) -> dict[str, set[str]]:
     for op in block.ops:
         if int(op.attr("op_role")) not in (0, 256):
             continue
-        if op.type == "dequantize_linear":
-            link(op.output("Y")[0], op.input("X")[0])
-            link(op.input("X")[0], op.output("Y")[0])
-            continue
-        if op.type == "quantize_linear":
+        if op.type in ("quantize_linear", "dequantize_linear"):  # the same values
             link(op.output("Y")[0], op.input("X")[0])
             link(op.input("X")[0], op.output("Y")[0])
             continue
