@@ -95,6 +95,20 @@ def _requantizes(op) -> bool:
     return op.type == "pool2d" and op.attr("pooling_type") == "avg"
 
 
+def _sharing_links(block):
+    """(op, input, output) for each input/output pair a forward scale-sharing op joins (their
+    grads and optimizer ops are not data; an average pool requantizes)."""
+    for op in block.ops:
+        slots = SCALE_SHARING_OPS.get(op.type)
+        if slots is None or int(op.attr("op_role")) not in (0, 256) or \
+                _OUTPUT_SLOT not in op.output_names or _requantizes(op):
+            continue
+        for slot in slots:
+            for name in op.input(slot):
+                for output in op.output(_OUTPUT_SLOT):
+                    yield op, name, output
+
+
 def share_scales(program) -> list[tuple[str, ...]]:
     """Make the activation quantizers of tensors joined by Concat, pooling and data-movement
     ops use one scale variable (and one state / accum) per group; returns the groups' scale
@@ -102,15 +116,8 @@ def share_scales(program) -> list[tuple[str, ...]]:
     end up with the same names."""
     block = program.global_block()
     groups = _Groups()
-    for op in block.ops:
-        slots = SCALE_SHARING_OPS.get(op.type)
-        if slots is None or int(op.attr("op_role")) not in (0, 256) or \
-                _OUTPUT_SLOT not in op.output_names or _requantizes(op):
-            continue  # forward ops only: their grads and optimizer ops are not data
-        for slot in slots:
-            for name in op.input(slot):
-                for output in op.output(_OUTPUT_SLOT):
-                    groups.join(name, output)
+    for _, name, output in _sharing_links(block):
+        groups.join(name, output)
     # A quantizer's input is itself an op output, e.g. the concat's own input tensors;
     # after the pass, concat reads the dequantized copies: follow them back to the source.
     made_by = {name: op for op in block.ops for name in op.output_arg_names}
@@ -166,22 +173,15 @@ def _at_least_as_wide(block) -> dict[str, set[str]]:
         wider.setdefault(big, set()).add(small)
 
     for op in block.ops:
-        if int(op.attr("op_role")) not in (0, 256):
-            continue
-        if op.type in ("quantize_linear", "dequantize_linear"):  # the same values
+        if op.type in ("quantize_linear", "dequantize_linear") and \
+                int(op.attr("op_role")) in (0, 256):  # the same values
             link(op.output("Y")[0], op.input("X")[0])
             link(op.input("X")[0], op.output("Y")[0])
-            continue
-        slots = SCALE_SHARING_OPS.get(op.type)
-        if slots is None or _OUTPUT_SLOT not in op.output_names or _requantizes(op):
-            continue
-        for slot in slots:
-            for source in op.input(slot):
-                for output in op.output(_OUTPUT_SLOT):
-                    if op.type not in _WIDER_OUTPUT:
-                        link(source, output)
-                    if op.type not in _WIDER_INPUT:
-                        link(output, source)
+    for op, source, output in _sharing_links(block):
+        if op.type not in _WIDER_OUTPUT:
+            link(source, output)
+        if op.type not in _WIDER_INPUT:
+            link(output, source)
     return wider
 
 
