@@ -111,6 +111,27 @@ def _quant_state_snapshot(scope) -> dict[str, np.ndarray]:
     return saved
 
 
+def _start_scales_at_their_average(program, scope, place, saved: dict[str, np.ndarray]):
+    """Start each new moving-average scale at its average's value (accum / state, 1.0), not
+    at Paddle's 0.001. A quantizer that observes writes its scale before it quantizes, but the
+    members of a shared group that come before the group's observer read the scale as it was:
+    on an uncalibrated first step, 0.001 clipped every activation of ShuffleNetV2's channel
+    splits to +-0.001 and the training diverged to NaN."""
+    for op in program.global_block().ops:
+        if op.type != "quantize_linear" or not op.input_names or \
+                "InState" not in op.input_names or not op.input("InState"):
+            continue
+        scale, state, accum = (op.input(slot)[0] for slot in ("Scale", "InState", "InAccum"))
+        if scale in saved or op.attr("quant_axis") >= 0:
+            continue
+        values = [scope.find_var(n) for n in (state, accum, scale)]
+        if any(v is None or not v.get_tensor()._is_initialized() for v in values):
+            continue
+        state_value, accum_value, scale_value = (np.array(v.get_tensor()) for v in values)
+        start = (accum_value / state_value).astype(scale_value.dtype)
+        values[2].get_tensor().set(np.broadcast_to(start, scale_value.shape).copy(), place)
+
+
 def _restore(scope, place, saved: dict[str, np.ndarray]) -> None:
     for name, value in saved.items():
         var = scope.find_var(name)
@@ -326,6 +347,7 @@ def quantize_program(
         share_scales(program)
     if config.unsigned_activations:
         use_unsigned_ranges(program)
+    _start_scales_at_their_average(program, scope, place, saved_state)
     _restore(scope, place, saved_state)
     setattr(program, RECORDED_TARGET, config.target)
     if startup_program is not None:

@@ -194,8 +194,9 @@ def _one_observer_per_group(block) -> None:
     the widest one's, so the group's widest tensor is clipped in training and at export while
     PTQ calibrates the group to its widest member (measured on the demo, before average pools
     kept their own scale: QAT pulled a residual block's shared scale from 0.106 to 0.059,
-    dragged down by the global pool's output). Where no member is the widest (a concat
-    whose output is not quantized), every member keeps updating."""
+    dragged down by the global pool's output). Where no member is at least as wide as all
+    the others (ShuffleNetV2's channel splits, whose concat outputs no quantizer reads), an
+    observer-only quantizer on the members' stacked abs-maxima updates it instead."""
     observers: dict[str, list] = {}
     for q in activation_quantizers(block):
         if "InState" in q.input_names and q.input("InState"):
@@ -207,11 +208,50 @@ def _one_observer_per_group(block) -> None:
         tensors = {q.input("X")[0] for q in members}
         leader = next((q for q in members
                        if tensors <= _reachable(q.input("X")[0], wider)), None)
-        if leader is None:
-            continue
+        if leader is None:  # no member bounds them all: observe the maximum of them all
+            leader = _add_observer(block, members)
         for q in members:
             if q is not leader:
                 _stop_observing(q)
+
+
+def _add_observer(block, members: list):
+    """Insert, after the last of ``members``' tensors is computed, ops that take each one's
+    abs-max and an observer-only quantizer (``only_observer``: it quantizes nothing) on the
+    stacked maxima, so the group's moving average follows the widest member of each batch,
+    as PTQ's calibration does; returns the observer. Training only: the eval program's
+    quantizers read the scale."""
+    tensors = [q.input("X")[0] for q in members]
+    index = 1 + max(i for i, op in enumerate(block.ops)
+                    if int(op.attr("op_role")) in (0, 256)
+                    and set(op.output_arg_names) & set(tensors))
+    scale = members[0].input("Scale")[0]
+
+    dtype = block._find_var_recursive(tensors[0]).dtype  # fp32: AMP casts quantizer inputs
+
+    def add(op_type, inputs, shape, attrs=None, out_slot="Out"):
+        nonlocal index
+        out = block.create_var(name=f"{scale}.observed.{index}", dtype=dtype, shape=shape)
+        block._insert_op(index, type=op_type, inputs={"X": inputs}, outputs={out_slot: [out.name]},
+                         attrs={"op_role": 0, **(attrs or {})})
+        index += 1
+        return out.name
+
+    maxima = [add("reduce_max", [add("abs", [t], block._find_var_recursive(t).shape)], [],
+                  {"dim": [], "keep_dim": False, "reduce_all": True})
+              for t in tensors]
+    stacked = add("stack", maxima, [len(maxima)], {"axis": 0}, out_slot="Y")
+    member = members[0]
+    inputs = {slot: member.input(slot) for slot in member.input_names}
+    inputs["X"] = [stacked]
+    outputs = {slot: member.output(slot) for slot in member.output_names}
+    outputs["Y"] = [block.create_var(name=f"{stacked}.y", dtype=dtype,
+                                     shape=[len(maxima)]).name]
+    attrs = {name: member.attr(name) for name in member.attr_names
+             if name not in ("op_callstack", "op_namescope")}
+    attrs.update(only_observer=True, is_test=False)
+    return block._insert_op(index, type="quantize_linear", inputs=inputs, outputs=outputs,
+                            attrs=attrs)
 
 
 def _reachable(start: str, edges: dict[str, set[str]]) -> set[str]:

@@ -42,6 +42,23 @@ def wide_and_narrow_net():
     return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
 
 
+def split_after_concat_net():
+    """The wide and narrow branches' concat split again, each half to a conv: the group's
+    widest tensor, the concat output, is quantized by no consumer (ShuffleNetV2's pattern)."""
+    import paddle
+    import paddle.nn.functional as F
+
+    x = static.data("image", [None, 3, IMAGE, IMAGE], "float32")
+    y = static.data("label", [None, 1], "int64")
+    wide = F.relu(static.nn.conv2d(x, 4, 3, padding=1))
+    narrow = paddle.scale(F.relu(static.nn.conv2d(x, 4, 1)), 0.02)
+    first, second = paddle.split(paddle.concat([wide, narrow], axis=1), 2, axis=1)
+    out = paddle.concat([F.relu(static.nn.conv2d(first, 4, 3, padding=1)),
+                         F.relu(static.nn.conv2d(second, 4, 3, padding=1))], axis=1)
+    logits = static.nn.fc(paddle.flatten(out, 1), CLASSES)
+    return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
+
+
 def build(net=residual_cnn, seed: int = 7):
     """Fresh (main, startup, test, tensors) with the eval clone taken before any optimizer."""
     main, startup = static.Program(), static.Program()

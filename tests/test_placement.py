@@ -9,7 +9,7 @@ import nets
 from paddle_qat import QATConfig, QATError
 from paddle_qat.export import export_onnx
 from paddle_qat.runtime.int8_kernels import open_session
-from program_tools import producers
+from program_tools import forward_ops, producers
 
 CONFIG = QATConfig(activation_op_types=("concat", "pool2d"))
 
@@ -86,6 +86,45 @@ def test_a_shared_scale_follows_the_widest_member_and_the_others_quantize_with_i
         expected = np.clip(np.round(got_narrow / step), -128, 127) * step
         np.testing.assert_allclose(got_dq, expected, rtol=0, atol=step * 1e-3)
     assert np.abs(got_narrow).max() < 0.3 * np.abs(got_joined).max()  # it is narrow
+
+
+def test_where_no_member_is_the_widest_one_observer_follows_the_widest_of_each_batch(
+        tmp_path):
+    """A split after a concat (ShuffleNetV2): the members are the concat's inputs and the
+    split's outputs, and no member bounds the others. One observer-only quantizer on their
+    stacked abs-maxima updates the shared average; the members quantize with it, and the
+    model trains and exports as before."""
+    config = QATConfig(activation_op_types=("concat",))
+    t = nets.train_qat(0, config=config, net=nets.split_after_concat_net)
+    block, scope = t["main"].global_block(), t["scope"]
+    (split,) = forward_ops(t["main"], "split")
+    observers = [op for op in block.ops if op.type == "quantize_linear" and
+                 op.input("InState") and op.attr("quant_axis") < 0 and
+                 not block.var(op.input("X")[0]).persistable]
+    scales = [q.input("Scale")[0] for q in observers]
+    assert len(scales) == len(set(scales)), scales  # one observer per scale
+    (observer,) = [q for q in observers
+                   if q.has_attr("only_observer") and q.attr("only_observer")]
+    first_concat = forward_ops(t["main"], "concat")[0]
+    expected = {_quantizer_of(t["main"], n).input("X")[0] for n in first_concat.input("X")}
+    expected |= set(split.output("Out"))  # the convs' inputs
+    members = [op for op in block.ops if op.type == "quantize_linear" and op is not observer
+               and op.input("Scale") == observer.input("Scale")]
+    assert {q.input("X")[0] for q in members} == expected
+    assert all(q.attr("is_test") and not q.input("InState") for q in members)
+
+    scale_name = observer.input("Scale")[0]
+    state = accum = 1.0
+    # what the members before the observer read on the first step: the average's start,
+    # not Paddle's 0.001 (which clipped ShuffleNetV2's first step to nothing and diverged)
+    assert float(np.array(scope.find_var(scale_name).get_tensor())[0]) == accum / state
+    for feed in nets.separable_batches(4):
+        got = t["exe"].run(t["main"], feed=feed, fetch_list=sorted(expected), scope=scope)
+        state, accum = 0.9 * state + 1, 0.9 * accum + max(float(np.abs(g).max()) for g in got)
+        assert float(np.array(scope.find_var(scale_name).get_tensor())[0]) == \
+            pytest.approx(accum / state, rel=1e-5)
+    with paddle.static.scope_guard(scope):
+        export_onnx(t["test"], [t["image"]], [t["logits"]], tmp_path / "m.onnx", scope=scope)
 
 
 def test_shared_scales_export_cleanly_and_faithfully(tmp_path):

@@ -90,6 +90,15 @@ def _mismatched_pairs(program) -> list[str]:
     return wrong
 
 
+def _scales_updated_twice(program) -> list[str]:
+    """Activation scales that more than one training quantizer updates each step."""
+    block = program.global_block()
+    updates = collections.Counter(
+        op.output("OutScale")[0] for op in block.ops
+        if op.type == "quantize_linear" and op.attr("quant_axis") < 0 and op.output("OutScale"))
+    return sorted(name for name, count in updates.items() if count > 1)
+
+
 @pytest.mark.parametrize("name, kwargs, target", CASES,
                          ids=[f"{name}-{target}" for name, _, target in CASES])
 def test_vision_model_exports_what_training_simulated(single_rank, tmp_path, name, kwargs,
@@ -98,6 +107,9 @@ def test_vision_model_exports_what_training_simulated(single_rank, tmp_path, nam
                                                            kwargs, target)
     for program in programs:  # training and eval: each Q/DQ pair is one quantizer
         assert _mismatched_pairs(program) == []
+    # one quantizer updates each shared moving average (ShuffleNetV2's: an observer on the
+    # concat before its split)
+    assert _scales_updated_twice(programs[0]) == []
     if target == "tensorrt":  # (ONNX Runtime's rewrites add and merge Q/DQ on purpose)
         kinds = collections.Counter(n.op_type for n in onnx.load(str(result.path)).graph.node)
         groups = {(e.tensor, ONNX_CONSUMERS[e.consumer], e.is_weight) for e in result.edges}
