@@ -118,7 +118,8 @@ def test_paddle_inference_model_keeps_quant_ops(trained, tmp_path):
     # 3 weights + image + stem output (one quantizer for its conv and its residual identity
     # branch, paddle_qat.placement) + fc input
     assert types.count("quantize_linear") == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.pdiparams", "qat.pdmodel"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "qat.paddle_qat.json", "qat.pdiparams", "qat.pdmodel"]
 
 
 def test_non_qat_program_is_refused(tmp_path):

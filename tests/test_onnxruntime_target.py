@@ -541,3 +541,38 @@ def test_two_ranks_average_every_onnxruntime_quantizer(two_ranks):
     state = activation_quant_state(main)
     assert {n for n in state if n.endswith("@scale")} == scales
     assert all_reduce_count(main) > 0
+
+
+def _conv_bn_net():
+    """conv -> batch norm -> fc with no ReLU: no quantizer here is unsigned, so nothing in
+    the quantized program itself says it was trained for ONNX Runtime."""
+    import paddle.nn.functional as F
+    from paddle import static
+
+    x = static.data("image", [None, 3, nets.IMAGE, nets.IMAGE], "float32")
+    y = static.data("label", [None, 1], "int64")
+    features = static.nn.batch_norm(static.nn.conv2d(x, 4, 3, padding=1, bias_attr=False))
+    logits = static.nn.fc(paddle.flatten(features, 1), nets.CLASSES)
+    return x, y, logits, paddle.mean(F.cross_entropy(logits, y))
+
+
+def test_a_saved_paddle_model_exports_for_the_target_it_was_trained_for(tmp_path):
+    from paddle_qat.export import export_inference_model
+    from paddle_qat.export.saved import export_paddle_model
+
+    t = nets.train_qat(3, config=ORT_TARGET, net=_conv_bn_net)
+    with paddle.static.scope_guard(t["scope"]):
+        export_inference_model(tmp_path / "m", [t["image"]], [t["logits"]], t["exe"], t["test"])
+    assert (tmp_path / "m.paddle_qat.json").is_file()
+    result = export_paddle_model(tmp_path / "m", tmp_path / "m.onnx")
+    assert result.target == "onnxruntime"
+    kinds = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "BatchNormalization" not in kinds  # folded, as the ONNX Runtime target does
+    assert float_ops(str(tmp_path / "m.onnx")) == []
+    # without the record, the same files read as TensorRT's (signed, nothing unsigned)
+    (tmp_path / "m.paddle_qat.json").unlink()
+    assert export_paddle_model(tmp_path / "m", tmp_path / "g.onnx").target == "tensorrt"
+    (tmp_path / "m.paddle_qat.json").write_text("{not json")
+    with pytest.raises(QATError, match="m.paddle_qat.json does not name a deployment target"):
+        export_paddle_model(tmp_path / "m", tmp_path / "c.onnx")
+    assert not (tmp_path / "c.onnx").exists()

@@ -31,9 +31,10 @@ class OnnxExport:
 def trained_target(edges, program=None) -> str:
     """The deployment target a program was trained for: the one ``quantize_program`` recorded
     on it (eval programs from ``fleet.qat_init`` and :mod:`~paddle_qat.export.saved` have
-    it); for a program loaded from files, ``"onnxruntime"`` when it holds an unsigned
-    quantizer (only that target trains them; a model with no ReLU before a quantizer shows
-    none, so pass ``target=`` for such a loaded model)."""
+    it, and a model saved by :func:`~paddle_qat.export.export_inference_model` has it in
+    its ``.paddle_qat.json``); for another program loaded from files, ``"onnxruntime"`` when
+    it holds an unsigned quantizer (only that target trains them; a model with no ReLU
+    before a quantizer shows none, so pass ``target=`` for such a loaded model)."""
     recorded = getattr(program, RECORDED_TARGET, None)
     if recorded is not None:
         return recorded

@@ -93,6 +93,7 @@ def export_paddle_model(path_prefix, onnx_path, *, opset: int = 13,
     import paddle
 
     from .onnx_export import export_onnx
+    from .paddle_model import recorded_target
 
     paddle.enable_static()
     prefix = Path(path_prefix)
@@ -110,6 +111,8 @@ def export_paddle_model(path_prefix, onnx_path, *, opset: int = 13,
             raise QATError(f"cannot read the Paddle inference model {prefix}: {error}. The "
                            f"files are truncated or not a Paddle inference model") from None
         block = program.global_block()
+        if target is None:
+            target = recorded_target(prefix)  # None: guessed from the quantizers' ranges
         result = export_onnx(program, [block.var(n) for n in feed_names], fetch_vars,
                              onnx_path, scope=scope, opset=opset, target=target,
                              check=check)
