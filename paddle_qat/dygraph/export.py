@@ -78,7 +78,8 @@ def export_onnx(model, input_spec, onnx_path, *, paddle_prefix=None, group=None,
         paddle.jit.save(layer, str(prefix), input_spec=list(input_spec))
         try:
             with atomic_path(onnx_path) as onnx_tmp:
-                result = export_paddle_model(prefix, onnx_tmp, opset=opset, check=False)
+                result = export_paddle_model(prefix, onnx_tmp, opset=opset, check=False,
+                                             target="tensorrt")  # dygraph QAT's only one
                 if check:
                     _check_for_tensorrt(onnx_tmp)
             result = dataclasses.replace(result, onnx_path=Path(onnx_path))
