@@ -92,6 +92,32 @@ def test_amp_qat_quant_state_is_fp32_and_named_like_fp32(level, ranks, gpu_amp_l
         assert "reduce_any" in {op.type for op in block.ops}
 
 
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_a_shared_scale_observer_reads_fp32_under_amp(level, gpu_amp_lists, single_rank):
+    """The observer that updates a group no member bounds (a split after a concat) is added
+    after AMP's casts: it must read the members' fp32 copies, as their quantizers do."""
+    main, startup, _, tensors = nets.build(nets.split_after_concat_net)
+    strategy = qat_strategy(single_rank, amp=True)
+    strategy.amp_configs = AMP_CONFIGS[level]
+    fleet_minimize(single_rank, strategy, main, startup, tensors[3])
+    block = main.global_block()
+    (observer,) = [op for op in block.ops if op.type == "quantize_linear"
+                   and op.has_attr("only_observer") and op.attr("only_observer")]
+    made_by = producers(main)
+    (stack,) = [made_by[observer.input("X")[0]]]
+    assert stack.type == "stack" and len(stack.input("X")) == 2  # the split's two halves
+    chain = [made_by[name] for name in stack.input("X")]
+    chain += [made_by[op.input("X")[0]] for op in chain]  # the abs ops
+    assert {op.type for op in chain} == {"reduce_max", "abs"}
+    members = {op.input("X")[0] for op in chain if op.type == "abs"}
+    quantized = {q.input("X")[0] for q in block.ops if q.type == "quantize_linear"
+                 and q.input("Scale") == observer.input("Scale") and q is not observer}
+    assert members == quantized
+    for name in [*members, *stack.input("X"), observer.input("X")[0]]:
+        assert block.var(name).dtype == FP32, name
+    assert block.var(observer.input("Scale")[0]).dtype == FP32
+
+
 def test_paddles_any_breaks_multi_rank_amp_without_our_fix(gpu_amp_lists, two_ranks,
                                                            monkeypatch):
     """Control for the paddle.any fix: Paddle 3.3.1's own any() only takes PIR values."""
