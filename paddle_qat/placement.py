@@ -222,11 +222,10 @@ def _add_observer(block, members: list):
     as PTQ's calibration does; returns the observer. Training only: the eval program's
     quantizers read the scale."""
     tensors = [q.input("X")[0] for q in members]
-    index = 1 + max(i for i, op in enumerate(block.ops)
-                    if int(op.attr("op_role")) in (0, 256)
-                    and set(op.output_arg_names) & set(tensors))
+    index = 1 + max((i for i, op in enumerate(block.ops)
+                     if int(op.attr("op_role")) in (0, 256)
+                     and set(op.output_arg_names) & set(tensors)), default=-1)  # -1: feeds
     scale = members[0].input("Scale")[0]
-
     dtype = block._find_var_recursive(tensors[0]).dtype  # fp32: AMP casts quantizer inputs
 
     def add(op_type, inputs, shape, attrs=None, out_slot="Out"):
