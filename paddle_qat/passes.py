@@ -118,8 +118,8 @@ def _start_scales_at_their_average(program, scope, place, saved: dict[str, np.nd
     on an uncalibrated first step, 0.001 clipped every activation of ShuffleNetV2's channel
     splits to +-0.001 and the training diverged to NaN."""
     for op in program.global_block().ops:
-        if op.type != "quantize_linear" or not op.input_names or \
-                "InState" not in op.input_names or not op.input("InState"):
+        if op.type != "quantize_linear" or "InState" not in op.input_names or \
+                not op.input("InState"):
             continue
         scale, state, accum = (op.input(slot)[0] for slot in ("Scale", "InState", "InAccum"))
         if scale in saved or op.attr("quant_axis") >= 0:

@@ -104,7 +104,7 @@ def test_a_shared_scale_observer_reads_fp32_under_amp(level, gpu_amp_lists, sing
     (observer,) = [op for op in block.ops if op.type == "quantize_linear"
                    and op.has_attr("only_observer") and op.attr("only_observer")]
     made_by = producers(main)
-    (stack,) = [made_by[observer.input("X")[0]]]
+    stack = made_by[observer.input("X")[0]]
     assert stack.type == "stack" and len(stack.input("X")) == 2  # the split's two halves
     chain = [made_by[name] for name in stack.input("X")]
     chain += [made_by[op.input("X")[0]] for op in chain]  # the abs ops

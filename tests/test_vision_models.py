@@ -107,8 +107,8 @@ def test_vision_model_exports_what_training_simulated(single_rank, tmp_path, nam
                                                            kwargs, target)
     for program in programs:  # training and eval: each Q/DQ pair is one quantizer
         assert _mismatched_pairs(program) == []
-    # one quantizer updates each shared moving average (ShuffleNetV2's: an observer on the
-    # concat before its split)
+    # one quantizer updates each shared moving average (ShuffleNetV2's channel splits: an
+    # observer on their members' stacked abs-maxima)
     assert _scales_updated_twice(programs[0]) == []
     if target == "tensorrt":  # (ONNX Runtime's rewrites add and merge Q/DQ on purpose)
         kinds = collections.Counter(n.op_type for n in onnx.load(str(result.path)).graph.node)
