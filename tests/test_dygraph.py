@@ -3,6 +3,7 @@ computes exactly what the trained model computes (ONNX Runtime and the saved Pad
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import paddle
 import pytest
 
@@ -76,6 +77,32 @@ def test_qat_learns_and_export_matches_the_model_exactly(dygraph, tmp_path):
     # Two convs and the linear: 3 activation Q/DQ, 3 per-channel weight DQ (conv 0, fc 1).
     assert result.quantized_inputs == 6
     assert _dq_axes(result.onnx_path) == [-1, -1, -1, 0, 0, 1]
+
+
+def test_weights_a_hair_off_half_steps_get_the_exported_levels(dygraph, tmp_path):
+    """w / (s / qmax) and the export's qmax * (1 / s) * w can round a weight within an ulp of
+    a half step differently (4 of these 216 did): training must simulate the exported levels."""
+    model = quantize_model(_net())
+    conv = model[0]
+    rng = np.random.default_rng(7)
+    shape = conv.weight.shape
+    scale = np.float32(0.8)
+    halves = ((rng.integers(-120, 120, size=shape) + 0.5) * (scale / 127)).astype("float32")
+    weights = np.nextafter(halves, rng.choice([-np.inf, np.inf], size=shape).astype("float32"))
+    weights[:, 0, 0, 0] = scale  # each channel's abs-max
+    conv.weight.set_value(weights)
+    result = export_onnx(model, SPEC, tmp_path / "qat.onnx")
+    graph = onnx.load(str(result.onnx_path)).graph
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    exported = values[made_by[first_conv.input[1]].input[0]]
+    simulated = conv.weight_quanter(conv.weight).numpy()
+    np.testing.assert_array_equal(np.round(simulated / (scale / 127)), exported)
+    images = np.random.default_rng(8).normal(size=(16, 3, 8, 8)).astype("float32")
+    got = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_per_tensor_weights_and_skipped_layers(dygraph, tmp_path):
@@ -178,7 +205,8 @@ def test_a_residual_add_is_named_with_the_way_out_and_check_false_exports_it(dyg
     _train(model, 2)
     path = tmp_path / "residual.onnx"
     path.write_bytes(b"an earlier export")
-    with pytest.raises(QATError, match=r"(?s)1 residual add.*rule 7.*check=False.*static fleet"):
+    with pytest.raises(QATError, match=r"(?s)1 residual add.*rule 7.*register_residual_block"
+                                       r".*check=False.*static fleet"):
         export_onnx(model, SPEC, path)
     assert path.read_bytes() == b"an earlier export"  # nothing half-written, nothing lost
 
@@ -187,3 +215,128 @@ def test_a_residual_add_is_named_with_the_way_out_and_check_false_exports_it(dyg
     got = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
     np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
                                atol=1e-5)
+
+
+def _adds_read_a_dq(onnx_path) -> list[bool]:
+    """For each residual Add (both inputs computed, not a bias): does one input come from a
+    DequantizeLinear (TensorRT rule 7)?"""
+    graph = onnx.load(str(onnx_path)).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    adds = [n for n in graph.node if n.op_type == "Add"
+            and all(made_by.get(i) not in (None, "Constant") for i in n.input)]
+    return [any(made_by[i] == "DequantizeLinear" for i in n.input) for n in adds]
+
+
+def _trained_identity_scales(model) -> dict:
+    return {path: layer.scales().numpy().item() for path, layer in model.named_sublayers()
+            if path.endswith("identity_quanter")}
+
+
+# MobileNetV2 adds 10 times, and at scale 0.25 its first block too (8 channels in and out)
+@pytest.mark.parametrize("name, blocks", [("resnet18", 8), ("mobilenet_v2", 11)])
+def test_paddle_vision_residual_adds_are_quantized_and_export_for_tensorrt(dygraph, tmp_path,
+                                                                           name, blocks):
+    from paddle.vision import models
+
+    paddle.seed(0)
+    model = (models.resnet18(num_classes=4) if name == "resnet18"
+             else models.mobilenet_v2(scale=0.25, num_classes=4))
+    model = quantize_model(model)
+    scales = _trained_identity_scales(model)
+    assert len(scales) == blocks and np.allclose(list(scales.values()), 0.001)  # the start
+    _train(model, 2)
+    trained = _trained_identity_scales(model)
+    assert all(value > 0.01 for value in trained.values()), trained  # they learned
+    spec = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "image")]
+    result = export_onnx(model, spec, tmp_path / f"{name}.onnx")  # TensorRT's rules hold
+    adds = _adds_read_a_dq(result.onnx_path)
+    assert len(adds) == blocks and all(adds)
+    images = np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype("float32")
+    got = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+
+class _Block(paddle.nn.Layer):
+    """A user's basic block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + x)``."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        self.conv1 = paddle.nn.Conv2D(channels, channels, 3, padding=1, bias_attr=False)
+        self.bn1 = paddle.nn.BatchNorm2D(channels)
+        self.conv2 = paddle.nn.Conv2D(channels, channels, 3, padding=1, bias_attr=False)
+        self.bn2 = paddle.nn.BatchNorm2D(channels)
+
+    def forward(self, x):
+        branch = self.bn2(self.conv2(paddle.nn.functional.relu(self.bn1(self.conv1(x)))))
+        return paddle.nn.functional.relu(branch + x)
+
+
+def _block_net():
+    paddle.seed(6)
+    return paddle.nn.Sequential(_Block(), _Block(), paddle.nn.AdaptiveAvgPool2D(1),
+                                paddle.nn.Flatten(), paddle.nn.Linear(3, 4))
+
+
+@pytest.fixture
+def registered_block():
+    from paddle_qat.dygraph import register_residual_block
+    from paddle_qat.dygraph.residual import _REGISTRY
+
+    register_residual_block(_Block, input_convs="conv1")
+    yield
+    del _REGISTRY[_Block]
+
+
+def test_a_registered_block_quantizes_its_input_once_for_the_conv_and_the_add(
+        dygraph, registered_block, tmp_path):
+    import copy
+
+    model = quantize_model(_block_net())
+    for block in (model[0], model[1]):
+        # the block input's quantizer replaces conv1's own: one scale on the shared tensor
+        assert block.conv1.activation_quanter is None
+        assert block.conv2.activation_quanter is not None
+    _train(model, 3)
+    result = export_onnx(model, SPEC, tmp_path / "blocks.onnx")
+    assert _adds_read_a_dq(result.onnx_path) == [True, True]
+    # conv1's input and the add's identity are one tensor on one scale: the DQs feeding them
+    # dequantize the same tensor with the same scale
+    graph = onnx.load(str(result.onnx_path)).graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    first_add = next(n for n in graph.node if n.op_type == "Add")
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    identity_dq = next(made_by[i] for i in first_add.input
+                       if made_by[i].op_type == "DequantizeLinear")
+    conv_dq = made_by[first_conv.input[0]]
+    assert conv_dq.op_type == "DequantizeLinear"
+    quantized = [made_by[dq.input[0]] for dq in (conv_dq, identity_dq)]
+    assert quantized[0].input[0] == quantized[1].input[0]  # the block input
+    assert values[conv_dq.input[1]] == values[identity_dq.input[1]]
+    images = np.random.default_rng(3).normal(size=(4, 3, 8, 8)).astype("float32")
+    got = open_session(str(result.onnx_path))[0].run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, model(paddle.to_tensor(images)).numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+    # The hooks are objects: a deep copy (an EMA model, say) trains its own quantizers
+    before = _trained_identity_scales(model)
+    clone = copy.deepcopy(model)
+    clone.train()
+    clone(paddle.to_tensor(images * 10))
+    assert _trained_identity_scales(model) == before
+    assert _trained_identity_scales(clone) != before
+
+
+def test_a_block_registered_with_a_wrong_conv_is_named(dygraph):
+    from paddle_qat.dygraph import register_residual_block
+    from paddle_qat.dygraph.residual import _REGISTRY
+
+    with pytest.raises(QATConfigError, match="input_convs"):
+        register_residual_block(_Block, input_convs=())
+    register_residual_block(_Block, input_convs=("conv_1",))
+    try:
+        with pytest.raises(QATConfigError, match=r"_Block has no sublayer 'conv_1'.*conv1"):
+            quantize_model(_block_net())
+    finally:
+        del _REGISTRY[_Block]

@@ -9,12 +9,15 @@ model in place) or with one call::
                                    "qat.onnx")   # on every rank: the last sync is collective
 
 Conv2D and Linear layers are quantized: per-channel weight scales (``QATConfig.channel_wise``)
-and moving-average activation scales; quant state and BatchNorm statistics are averaged
-across ranks before every training forward.
+and moving-average activation scales, and so is the identity branch of every residual add in
+a registered block (``paddle.vision``'s ResNet and MobileNetV2 blocks;
+:func:`register_residual_block` for your own); quant state and BatchNorm statistics are
+averaged across ranks before every training forward.
 """
 
 from .export import export_onnx
 from .quantize import quantize_model
+from .residual import register_residual_block
 from .state_sync import (
            enable_state_sync,
            export_ready,
@@ -24,4 +27,4 @@ from .state_sync import (
 )
 
 __all__ = ["enable_state_sync", "export_onnx", "export_ready", "quant_state", "quantize_model",
-           "running_stats", "sync_quant_state"]
+           "register_residual_block", "running_stats", "sync_quant_state"]

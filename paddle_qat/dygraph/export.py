@@ -32,11 +32,14 @@ def _check_for_tensorrt(onnx_path) -> None:
     if all(v.rule == 7 for v in violations):
         raise QATError(
             f"the exported ONNX has {len(violations)} residual add(s) whose identity branch "
-            f"has no Q/DQ (TensorRT rule 7):\n{listing}\nDygraph QAT quantizes Conv2D and "
-            f"Linear layers, not the x + y in a forward, so TensorRT would run these adds in "
-            f"float after the INT8 conv: slower, not wrong. Export with check=False to accept "
-            f"that, or train with static fleet QAT (strategy.qat = True on a static program), "
-            f"which trains a quantizer on every identity branch")
+            f"has no Q/DQ (TensorRT rule 7):\n{listing}\nDygraph QAT quantizes the identity "
+            f"branch of the residual blocks it knows (paddle.vision's ResNet and MobileNetV2 "
+            f"blocks), not an x + y in another forward, so TensorRT would run these adds in "
+            f"float after the INT8 conv: slower, not wrong. Register your block before "
+            f"quantize_model (paddle_qat.dygraph.register_residual_block(MyBlock, "
+            f"input_convs=('conv1',)) when the add reads the block input), export with "
+            f"check=False to accept the float adds, or train with static fleet QAT "
+            f"(strategy.qat = True on a static program), which quantizes every identity branch")
     raise QATError(f"the exported ONNX has {len(violations)} violation(s) of TensorRT's Q/DQ "
                    f"rules:\n{listing}")
 

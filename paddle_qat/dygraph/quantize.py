@@ -40,7 +40,9 @@ def _to_quantize(model, config: QATConfig) -> list:
 
 def quantize_model(model, config: QATConfig | None = None, *, inplace: bool = False,
                    sync: bool = True, group=None):
-    """A QAT version of ``model``: Conv2D and Linear quantized on input and weight.
+    """A QAT version of ``model``: Conv2D and Linear quantized on input and weight, and the
+    identity branch of every registered residual block's add (``paddle.vision`` ResNet and
+    MobileNetV2 blocks; :func:`paddle_qat.dygraph.register_residual_block` for your own).
 
     Weights get one scale per output channel when ``config.channel_wise`` (the default,
     what TensorRT wants), activations a moving-average abs-max scale. With more than one
@@ -59,6 +61,7 @@ def quantize_model(model, config: QATConfig | None = None, *, inplace: bool = Fa
     from paddle.quantization import QAT, QuantConfig
 
     from .quanters import AbsMaxWeightQuanter, MovingAverageActivationQuanter
+    from .residual import quantize_residuals
     from .state_sync import enable_state_sync
 
     config = QATConfig() if config is None else config
@@ -72,6 +75,7 @@ def quantize_model(model, config: QATConfig | None = None, *, inplace: bool = Fa
     if layers:
         quant_config.add_layer_config(layers, activation=activation, weight=weight)
     quantized = QAT(quant_config).quantize(model, inplace=inplace)
+    quantize_residuals(quantized, config)
     if sync and paddle.distributed.get_world_size() > 1:
         enable_state_sync(quantized, group)
     return quantized
