@@ -27,10 +27,15 @@ EVAL_BATCH = np.random.default_rng(7).normal(0, 2, size=(64, 3, 8, 8)).astype("f
 
 
 def build_model():
+    """A stem, paddle.vision's ResNet basic block (its identity branch gets a quantizer that
+    must be synced like the others) and a linear head."""
+    from paddle.vision.models.resnet import BasicBlock
+
     paddle.seed(0)
     return paddle.nn.Sequential(
         paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.BatchNorm2D(8), paddle.nn.ReLU(),
-        paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(), paddle.nn.Linear(8, 4))
+        BasicBlock(8, 8), paddle.nn.AdaptiveAvgPool2D(1), paddle.nn.Flatten(),
+        paddle.nn.Linear(8, 4))
 
 
 def main(out: Path, mode: str) -> None:

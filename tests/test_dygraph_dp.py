@@ -39,9 +39,11 @@ def test_fleet_strategy_qat_ends_with_identical_weights_and_scales(fleet_run):
     _, rank0, rank1 = fleet_run
     assert rank0.keys() == rank1.keys()
     quant = [k for k in rank0 if k.startswith("quant:")]
-    assert len(quant) == 6  # conv and linear input quanters x (scale, state, accum)
+    # input quanters of the stem, the block's second conv and the linear, and the block's
+    # identity quanter (which its first conv reads), x (scale, state, accum)
+    assert len(quant) == 12
     weight_scales = [k for k in rank0 if "weight_quant.scale" in k]
-    assert [rank0[k].shape for k in weight_scales] == [(8,), (4,)]  # per output channel
+    assert [rank0[k].shape for k in weight_scales] == [(8,), (8,), (8,), (4,)]  # per channel
     for key in rank0:
         np.testing.assert_allclose(rank0[key], rank1[key], rtol=1e-6, atol=1e-7, err_msg=key)
 
@@ -66,7 +68,9 @@ def test_both_ranks_export_the_same_onnx_and_it_computes_what_the_model_did(flee
     assert (out / "rank0.onnx").read_bytes() == (out / "rank1.onnx").read_bytes()
     model = onnx.load(str(out / "rank0.onnx"))
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 4
+    # a Q/DQ per quantized input: image, the block input (its conv1 and its add), the second
+    # conv's input, the linear's; and the four weights
+    assert ops.count("QuantizeLinear") == 5 and ops.count("DequantizeLinear") == 9
     logits = open_session(str(out / "rank0.onnx"))[0].run(None, {"image": EVAL_BATCH})[0]
     expected = np.load(out / "rank0_logits.npy")
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
