@@ -340,3 +340,21 @@ def test_a_block_registered_with_a_wrong_conv_is_named(dygraph):
             quantize_model(_block_net())
     finally:
         del _REGISTRY[_Block]
+
+
+def test_a_block_whose_first_conv_is_left_in_float_keeps_its_add_in_float(dygraph, tmp_path):
+    """The block input's Q/DQ would feed a float conv (TensorRT rule 5): no identity
+    quantizer there, and the export names the float add (rule 7), as for any other."""
+    from paddle.vision.models import resnet18
+
+    paddle.seed(0)
+    model = resnet18(num_classes=4)
+    skipped = model.layer1[1].conv1.weight.name
+    model = quantize_model(model, QATConfig(skip_weights=(skipped,)))
+    assert type(model.layer1[1].conv1).__name__ == "Conv2D"
+    assert len(_trained_identity_scales(model)) == 7
+    assert "layer1.1.identity_quanter" not in _trained_identity_scales(model)
+    _train(model, 1)
+    spec = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "image")]
+    with pytest.raises(QATError, match=r"(?s)1 residual add.*rule 7"):
+        export_onnx(model, spec, tmp_path / "resnet18.onnx")

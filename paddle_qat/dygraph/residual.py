@@ -122,6 +122,10 @@ def quantize_residuals(model, config: QATConfig) -> list[str]:
             None, bit_length=config.activation_bits, moving_rate=config.moving_rate)
         shortcut = getattr(block, spec.shortcut, None) if spec.shortcut else None
         convs = [] if shortcut is not None else [_sublayer(block, p) for p in spec.input_convs]
+        if not all(hasattr(conv, "activation_quanter") for conv in convs):
+            # a conv left in float (skip_weights / skip_name_scopes) would read the block
+            # input's Q/DQ with float weights (TensorRT rule 5); the add stays float too
+            continue
         block.add_sublayer(QUANTER_NAME, quanter)
         if shortcut is not None:
             shortcut.register_forward_post_hook(_QuantizeOutput(quanter))
