@@ -232,16 +232,37 @@ def _trained_identity_scales(model) -> dict:
             if path.endswith("identity_quanter")}
 
 
-# MobileNetV2 adds 10 times, and at scale 0.25 its first block too (8 channels in and out)
-@pytest.mark.parametrize("name, blocks", [("resnet18", 8), ("mobilenet_v2", 11)])
-def test_paddle_vision_residual_adds_are_quantized_and_export_for_tensorrt(dygraph, tmp_path,
-                                                                           name, blocks):
+def _bottleneck_net():
+    """paddle.vision's ResNet50 block, small: one with a strided downsample shortcut, one
+    whose identity is its input (ResNet50 itself is 25M weights, too slow for the suite)."""
+    from paddle.vision.models.resnet import BottleneckBlock
+
+    nn = paddle.nn
+    downsample = nn.Sequential(nn.Conv2D(8, 16, 1, stride=2, bias_attr=False),
+                               nn.BatchNorm2D(16))
+    return nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.ReLU(),
+                         BottleneckBlock(8, 4, stride=2, downsample=downsample),
+                         BottleneckBlock(16, 4), nn.AdaptiveAvgPool2D(1), nn.Flatten(),
+                         nn.Linear(16, 4))
+
+
+def _vision_model(name):
     from paddle.vision import models
 
     paddle.seed(0)
-    model = (models.resnet18(num_classes=4) if name == "resnet18"
-             else models.mobilenet_v2(scale=0.25, num_classes=4))
-    model = quantize_model(model)
+    if name == "resnet18":
+        return models.resnet18(num_classes=4)
+    if name == "mobilenet_v2":
+        return models.mobilenet_v2(scale=0.25, num_classes=4)
+    return _bottleneck_net()
+
+
+# MobileNetV2 adds 10 times, and at scale 0.25 its first block too (8 channels in and out)
+@pytest.mark.parametrize("name, blocks", [("resnet18", 8), ("mobilenet_v2", 11),
+                                          ("bottleneck", 2)])
+def test_paddle_vision_residual_adds_are_quantized_and_export_for_tensorrt(dygraph, tmp_path,
+                                                                           name, blocks):
+    model = quantize_model(_vision_model(name))
     scales = _trained_identity_scales(model)
     assert len(scales) == blocks and np.allclose(list(scales.values()), 0.001)  # the start
     _train(model, 2)
