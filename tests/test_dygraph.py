@@ -359,6 +359,13 @@ def test_a_block_registered_with_a_wrong_conv_is_named(dygraph):
     try:
         with pytest.raises(QATConfigError, match=r"_Block has no sublayer 'conv_1'.*conv1"):
             quantize_model(_block_net())
+        # a misspelt shortcut or switch is named too, not taken for "no shortcut"
+        register_residual_block(_Block, input_convs="conv1", shortcut="down_sample")
+        with pytest.raises(QATConfigError, match=r"no attribute 'down_sample'.*shortcut"):
+            quantize_model(_block_net())
+        register_residual_block(_Block, input_convs="conv1", enabled="use_res")
+        with pytest.raises(QATConfigError, match=r"no attribute 'use_res'.*enabled"):
+            quantize_model(_block_net())
     finally:
         del _REGISTRY[_Block]
 

@@ -104,6 +104,16 @@ def _sublayer(block, path: str):
     return layers[path]
 
 
+def _attribute(block, name: str, role: str):
+    """``block.name``, or an error naming the registration (an attribute set to None, like
+    a ResNet block's ``downsample`` without a shortcut, is fine)."""
+    if not hasattr(block, name):
+        raise QATConfigError(
+            f"{type(block).__name__} has no attribute {name!r} (registered as its {role}). "
+            f"Fix the register_residual_block call")
+    return getattr(block, name)
+
+
 def quantize_residuals(model, config: QATConfig) -> list[str]:
     """Put an identity quantizer in every registered block of ``model`` that adds (after
     ``paddle.quantization`` wrapped its convs); returns the blocks' paths."""
@@ -112,7 +122,7 @@ def quantize_residuals(model, config: QATConfig) -> list[str]:
     done = []
     for path, block in model.named_sublayers(include_self=True):
         spec = registered(block)
-        if spec is None or (spec.enabled and not getattr(block, spec.enabled)):
+        if spec is None or (spec.enabled and not _attribute(block, spec.enabled, "enabled")):
             continue
         if any(scope and scope in path for scope in config.skip_name_scopes):
             continue
@@ -120,7 +130,7 @@ def quantize_residuals(model, config: QATConfig) -> list[str]:
             continue  # quantized already
         quanter = MovingAverageActivationQuanterLayer(
             None, bit_length=config.activation_bits, moving_rate=config.moving_rate)
-        shortcut = getattr(block, spec.shortcut, None) if spec.shortcut else None
+        shortcut = _attribute(block, spec.shortcut, "shortcut") if spec.shortcut else None
         convs = [] if shortcut is not None else [_sublayer(block, p) for p in spec.input_convs]
         if not all(hasattr(conv, "activation_quanter") for conv in convs):
             # a conv left in float (skip_weights / skip_name_scopes) would read the block
