@@ -1,7 +1,8 @@
 """paddle-qat benchmarks, measured side by side in one run; results written with machine and date.
 
-(a) training step time of one model: FP32, paddle-qat's QAT (``strategy.qat = True``) and
-    Paddle 3.3.1's own fleet QAT optimizer, interleaved round by round;
+(a) training step time and step memory of one model: FP32, paddle-qat's QAT
+    (``strategy.qat = True``) and Paddle 3.3.1's own fleet QAT optimizer, interleaved round
+    by round;
 (b) ONNX Runtime CPU latency / throughput at batch 1 and 32: the FP32 ONNX, our QAT INT8
     ONNX and ONNX Runtime's ``quantize_static`` PTQ INT8 of the same FP32 ONNX, plus what
     ONNX Runtime's graph optimizer turned each into (the INT8 kernels it picked);
@@ -117,8 +118,25 @@ def _build(spec: ModelSpec, variant: str) -> Built:
     return Built(main, startup, eval_program, image, logits, loss, scope, minimize_s)
 
 
-def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict:
-    """Median seconds per training step of each variant, rounds interleaved."""
+class _StepMemory:
+    """Host memory one training step allocates at its peak above what was held before it
+    (Paddle's own allocator statistics: activations, gradients, temporaries)."""
+
+    def __enter__(self):
+        from paddle.base import core
+
+        self._core = core
+        self._held = core.host_memory_stat_current_value("Allocated", 0)
+        core.host_memory_stat_reset_peak_value("Allocated", 0)
+        return self
+
+    def __exit__(self, *exc):
+        self.bytes = self._core.host_memory_stat_peak_value("Allocated", 0) - self._held
+
+
+def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> tuple[dict, dict, dict]:
+    """Median seconds per training step of each variant (rounds interleaved), its median
+    step memory in bytes, and the built programs."""
     rng = np.random.default_rng(0)
     feed = {"image": rng.normal(size=(batch, spec.in_channels, spec.image_size,
                                       spec.image_size)).astype("float32"),
@@ -131,16 +149,19 @@ def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict:
             exe.run(b.startup)
             for _ in range(3):  # warm-up: kernel selection, allocations
                 exe.run(b.main, feed=feed, fetch_list=[b.loss])
-    times = collections.defaultdict(list)
+    times, memory = collections.defaultdict(list), collections.defaultdict(list)
     for _ in range(rounds):
         for variant in VARIANTS:
             b = built[variant]
             with paddle.static.scope_guard(b.scope):
                 for _ in range(steps):
-                    start = time.perf_counter()
-                    exe.run(b.main, feed=feed, fetch_list=[b.loss])
-                    times[variant].append(time.perf_counter() - start)
-    return {v: statistics.median(t) for v, t in times.items()}, built
+                    with _StepMemory() as used:  # read outside the timed region
+                        start = time.perf_counter()
+                        exe.run(b.main, feed=feed, fetch_list=[b.loss])
+                        times[variant].append(time.perf_counter() - start)
+                    memory[variant].append(used.bytes)
+    return ({v: statistics.median(t) for v, t in times.items()},
+            {v: statistics.median(m) for v, m in memory.items()}, built)
 
 
 # ONNX models of table (b): (row name, file name)
@@ -234,7 +255,7 @@ lines and, in the layer JSON, that every convolution runs INT8 in and out with n
 Reformat layers between them."""
 
 
-def report(spec, args, info, steps, built, latency, kernels) -> str:
+def report(spec, args, info, steps, memory, built, latency, kernels) -> str:
     lines = [f"# paddle-qat benchmarks, {info['date']}", "",
              "| machine | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in info.items()]
@@ -243,17 +264,26 @@ def report(spec, args, info, steps, built, latency, kernels) -> str:
               f"{args.threads}.", "",
               f"## (a) Training step time, batch {args.batch} ({args.rounds} interleaved rounds "
               f"x {args.steps} steps, median)", "",
-              "| variant | ms / step | vs FP32 | fleet minimize (s) |",
-              "| --- | --- | --- | --- |"]
+              "| variant | ms / step | vs FP32 | step memory (MiB) | vs FP32 | "
+              "fleet minimize (s) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for variant in VARIANTS:
         lines.append(f"| {variant} | {steps[variant] * 1e3:.2f} | "
-                     f"{steps[variant] / steps['fp32']:.3f}x | "
+                     f"{steps[variant] / steps['fp32']:.3f}x | {memory[variant] / 2**20:.1f} | "
+                     f"{memory[variant] / memory['fp32']:.3f}x | "
                      f"{built[variant].minimize_s:.2f} |")
     ours, theirs = steps["paddle_qat"] / steps["fp32"], steps["paddle_fleet_qat"] / steps["fp32"]
+    our_memory, their_memory = memory["paddle_qat"], memory["paddle_fleet_qat"]
     lines += ["", f"Goals: QAT <= {GOAL_STEP_RATIO}x FP32: "
               f"{'met' if ours <= GOAL_STEP_RATIO else 'NOT met'} ({ours:.3f}x); ours <= "
               f"Paddle's fleet QAT: {'met' if ours <= theirs else 'NOT met'} ({ours:.3f}x vs "
-              f"{theirs:.3f}x). `fleet minimize` is the one-off program build: backward, "
+              f"{theirs:.3f}x); step memory, ours <= Paddle's fleet QAT: "
+              f"{'met' if our_memory <= their_memory else 'NOT met'} "
+              f"({our_memory / 2**20:.1f} vs {their_memory / 2**20:.1f} MiB). `step memory`: "
+              f"the most host memory a training step allocated above what it started with "
+              f"(Paddle's allocator statistics), median over the timed steps; the executor's "
+              f"op order moves one step's peak by up to about 20 %. "
+              f"`fleet minimize` is the one-off program build: backward, "
               f"optimizer and, for QAT, the quant passes.", "",
               "## (b) ONNX Runtime CPU", "",
               "| model | kernels | bs1 median ms | bs1 p90 ms | bs32 median ms | "
@@ -299,7 +329,7 @@ def main(argv=None):
     fleet.init(is_collective=True)
     spec = ModelSpec(args.model, in_channels=3, image_size=args.image_size, classes=10,
                      width=args.width)
-    steps, built = step_times(spec, args.batch, args.steps, args.rounds)
+    steps, memory, built = step_times(spec, args.batch, args.steps, args.rounds)
     with tempfile.TemporaryDirectory(prefix="paddle_qat_bench_") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -308,7 +338,7 @@ def main(argv=None):
         models = export_models(built, folder, calibration)
         latency, kernels = ort_latency(models, (3, args.image_size, args.image_size),
                                        args.threads, args.rounds)
-    write_report(report(spec, args, machine(), steps, built, latency, kernels), args.out,
+    write_report(report(spec, args, machine(), steps, memory, built, latency, kernels), args.out,
                  args.model)
 
 

@@ -24,8 +24,12 @@ def test_benchmark_script_writes_its_report(tmp_path):
                    "| QAT INT8 w7, target onnxruntime / FP32 |", "| ONNX Runtime INT8 kernels |",
                    "| QAT INT8 w7, target onnxruntime | int8 |",  # exact on every CPU
                    "| ORT quantize_static PTQ INT8, CPU settings, reduce_range | int8 |",
-                   "| fleet minimize (s) |"):
+                   "| step memory (MiB) |", "| fleet minimize (s) |"):
         assert needle in text
+    # every variant's step allocated activations (Paddle's allocator statistics were read)
+    rows = [line.split("|")[1:-1] for line in text.splitlines()
+            if line.startswith(("| fp32 |", "| paddle_qat |", "| paddle_fleet_qat |"))]
+    assert len(rows) == 3 and all(float(row[3]) > 0.1 for row in rows), rows
 
 
 @pytest.mark.slow
