@@ -33,6 +33,23 @@ def test_benchmark_script_writes_its_report(tmp_path):
 
 
 @pytest.mark.slow
+def test_dygraph_benchmark_reports_each_variant(tmp_path):
+    out = tmp_path / "dygraph.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "dygraph.py"), "--image-size", "16",
+         "--batch", "4", "--steps", "1", "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {cells[0].strip(): cells for cells in
+            (line.split("|")[1:-1] for line in out.read_text().splitlines())
+            if len(cells) == 5 and cells[0].strip() in ("fp32", "paddle_qat", "paddle_own_qat")}
+    assert sorted(rows) == ["fp32", "paddle_own_qat", "paddle_qat"]
+    # every variant trained (a step time) and its step allocated memory
+    assert all(float(row[1]) > 0 and float(row[3]) > 0.01 for row in rows.values()), rows
+    assert rows["fp32"][2].strip() == "1.000x"
+
+
+@pytest.mark.slow
 def test_seed_benchmark_reports_qat_minus_ptq_for_each_seed(tmp_path):
     out = tmp_path / "seeds.md"
     result = subprocess.run(

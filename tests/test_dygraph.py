@@ -125,6 +125,29 @@ def test_four_bit_weights_use_sixteen_levels(dygraph):
     assert levels.min() >= -8 and levels.max() <= 7 and len(np.unique(levels)) <= 16
 
 
+def test_the_simulated_grid_rounds_ties_to_even_and_clips_like_quantize_linear(dygraph):
+    """Exact half steps (what a fixed-point ReLU output lands on), both signs, and values
+    past the range: the levels are numpy's rint of float32 x / step, clipped to
+    [-128, 127], as ONNX QuantizeLinear computes them; the gradient passes straight
+    through."""
+    from paddle_qat.dygraph.quanters import _fake_quant
+
+    step = np.float32(2.0 ** -4)  # a power of two: x / step is exactly k / 2
+    halves = (np.arange(-260, 261, dtype="float32") * 0.5) * step
+    values = np.concatenate([halves, np.float32([1e3, -1e3, 0.0])])
+    x = paddle.to_tensor(values, stop_gradient=False)
+    simulated = _fake_quant(x, paddle.to_tensor(step), 127)
+    levels = np.clip(np.rint(values / step), -128, 127)
+    np.testing.assert_array_equal(np.rint(simulated.numpy() / step), levels)
+    # x + (simulated - x), the straight-through form, is simulated to float32's rounding
+    # of x: within an ulp of the larger of the two, far below a step
+    expected = (levels * step).astype("float32")
+    ulp = np.spacing(np.maximum(np.abs(values), np.abs(expected)))
+    assert np.all(np.abs(simulated.numpy() - expected) <= ulp)
+    simulated.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.ones_like(values))
+
+
 def test_static_only_options_are_refused(dygraph):
     with pytest.raises(QATConfigError, match="activation_op_types"):
         quantize_model(_net(), QATConfig(activation_op_types=("relu",)))

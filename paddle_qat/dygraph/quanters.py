@@ -16,20 +16,36 @@ import paddle
 from paddle.quantization.base_quanter import BaseQuanter
 from paddle.quantization.factory import QuanterFactory
 
+# 1.5 * 2**23. A float32 below 2**22 in magnitude plus this has no fraction bits left, so
+# the addition itself rounds to the nearest integer, ties to even (IEEE 754's default, what
+# ONNX QuantizeLinear and Paddle's quantize_linear do), and subtracting it back is exact.
+# Two in-place ops, and the tie rule is IEEE's, not whichever one a paddle.round kernel
+# implements (3.3.1's CPU kernel rounds ties to even; the where(tie, ...) guard this
+# replaces, nine activation-sized tensors per quantizer, was written for one that did not).
+_ROUNDER = 12582912.0
 
-def _round_half_even(x):
-    """Round like ONNX QuantizeLinear and Paddle's quantize_linear (``paddle.round`` rounds
-    half away from zero)."""
-    rounded = paddle.round(x)
-    tie = paddle.abs(x - paddle.trunc(x)) == 0.5
-    return paddle.where(tie, 2 * paddle.round(x / 2), rounded)
+
+def _round_clipped_(levels, qmax: int):
+    """In place on a float32 no-grad tensor: clip to [-qmax - 1, qmax], then round half to
+    even. Clipping first is the same as clipping after (the bounds are integers) and keeps
+    the values far below 2**22."""
+    levels.clip_(-qmax - 1, qmax)
+    levels.scale_(1.0, _ROUNDER)
+    levels.scale_(1.0, -_ROUNDER)
+    return levels
 
 
 def _fake_quant(x, step, qmax: int):
-    """``x`` on the integer grid ``step`` x [-qmax - 1, qmax]; gradient straight through."""
+    """``x`` on the integer grid ``step`` x [-qmax - 1, qmax], computed in float32 like the
+    exported model; the gradient passes straight through (``x`` plus a detached offset)."""
     with paddle.no_grad():
-        simulated = paddle.clip(_round_half_even(x / step), -qmax - 1, qmax) * step
-    return x + (simulated - x).detach()
+        x32 = x if x.dtype == paddle.float32 else x.astype("float32")
+        offset = _round_clipped_(x32 / step, qmax)
+        offset.multiply_(step)
+        offset.subtract_(x32)
+        if offset.dtype != x.dtype:
+            offset = offset.astype(x.dtype)
+    return x + offset
 
 
 def _keep_fp32(layer) -> None:
@@ -117,22 +133,26 @@ class AbsMaxWeightQuanterLayer(BaseQuanter):
                                self._bit_length)
         shape = [1] * weight.ndim
         with paddle.no_grad():
+            w32 = weight if weight.dtype == paddle.float32 else weight.astype("float32")
             if self._axis >= 0:
                 reduce = [d for d in range(weight.ndim) if d != self._axis]
                 shape[self._axis] = -1
-                scale = paddle.abs(weight).max(axis=reduce)
+                # max |w| per channel without a |w| tensor the size of the weight
+                scale = paddle.maximum(w32.max(axis=reduce), -w32.min(axis=reduce))
             else:
-                scale = paddle.abs(weight).max().reshape([1])
-            scale = paddle.maximum(scale.astype("float32"), paddle.to_tensor(1e-8))
+                scale = paddle.maximum(w32.max(), -w32.min()).reshape([1])
+            scale = paddle.maximum(scale, paddle.to_tensor(1e-8))
             paddle.assign(scale, self._scale)
             # The export stores round(qmax * (1 / s) * w) (Paddle's quantize_linear kernel,
             # export.qdq_insert.quantize_weight); w / (s / qmax) rounds a weight within an ulp
             # of a half step the other way (one weight of ResNet18's 11 M, measured)
             ratio = (self._qmax * (1.0 / scale)).reshape(shape)
-            levels = paddle.clip(_round_half_even(ratio * weight.astype("float32")),
-                                 -self._qmax - 1, self._qmax)
-            simulated = (levels * (scale / self._qmax).reshape(shape)).astype(weight.dtype)
-        return weight + (simulated - weight).detach()
+            offset = _round_clipped_(ratio * w32, self._qmax)
+            offset.multiply_((scale / self._qmax).reshape(shape))
+            offset.subtract_(w32)  # simulated - w, in place: one weight-sized temporary
+            if offset.dtype != weight.dtype:
+                offset = offset.astype(weight.dtype)
+        return weight + offset
 
     def bit_length(self):
         return self._bit_length
@@ -185,11 +205,11 @@ class MovingAverageActivationQuanterLayer(BaseQuanter):
             with paddle.no_grad():
                 rate = self._moving_rate
                 paddle.assign(rate * self._state + 1, self._state)
-                paddle.assign(rate * self._accum + paddle.abs(x).max().astype("float32"),
-                              self._accum)
+                # max |x| without an |x| tensor the size of the activation
+                largest = paddle.maximum(x.max(), -x.min()).astype("float32")
+                paddle.assign(rate * self._accum + largest, self._accum)
                 paddle.assign(self._accum / self._state, self._scale)
-        step = (self._scale / self._qmax).astype(x.dtype)
-        return _fake_quant(x, step, self._qmax)
+        return _fake_quant(x, self._scale / self._qmax, self._qmax)
 
     def bit_length(self):
         return self._bit_length
