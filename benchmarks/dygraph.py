@@ -29,7 +29,7 @@ import paddle
 
 from paddle_qat.dygraph import quantize_model
 
-from run import _StepMemory, machine, write_report
+from run import StepMemory, header, machine, write_report
 
 VARIANTS = ("fp32", "paddle_qat", "paddle_own_qat")
 MODELS = {"resnet18": lambda: paddle.vision.models.resnet18(num_classes=10),
@@ -75,7 +75,7 @@ def measure(args) -> tuple[dict, dict]:
     for _ in range(args.rounds):
         for variant, (model, optimizer) in built.items():
             for _ in range(args.steps):
-                with _StepMemory() as used:  # read outside the timed region
+                with StepMemory() as used:  # read outside the timed region
                     start = time.perf_counter()
                     train_step(model, optimizer, images, labels)
                     times[variant].append(time.perf_counter() - start)
@@ -85,9 +85,7 @@ def measure(args) -> tuple[dict, dict]:
 
 
 def report(args, info, times, memory) -> str:
-    lines = [f"# paddle-qat dygraph benchmark, {info['date']}", "",
-             "| machine | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    lines = header(f"paddle-qat dygraph benchmark, {info['date']}", info)
     lines += ["", f"Model: paddle.vision {args.model}, 3x{args.image_size}x{args.image_size}, "
               f"10 classes; batch {args.batch}; {args.rounds} interleaved rounds x "
               f"{args.steps} steps, median.", "",

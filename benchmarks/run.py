@@ -63,6 +63,12 @@ def machine() -> dict:
             if int8_kernels_saturate() else "exact for 8-bit weights"}
 
 
+def header(title: str, info: dict) -> list[str]:
+    """A report's title and the machine table every benchmark report opens with."""
+    return [f"# {title}", "", "| machine | value |", "| --- | --- |",
+            *(f"| {key} | {value} |" for key, value in info.items())]
+
+
 def write_report(text: str, out: Path | None, name: str) -> Path:
     """Write ``text`` to ``out`` (default ``benchmarks/results/<date>-<name>.md``), print it."""
     out = out or Path(__file__).with_name("results") / (
@@ -118,7 +124,7 @@ def _build(spec: ModelSpec, variant: str) -> Built:
     return Built(main, startup, eval_program, image, logits, loss, scope, minimize_s)
 
 
-class _StepMemory:
+class StepMemory:
     """Host memory one training step allocates at its peak above what was held before it
     (Paddle's own allocator statistics: activations, gradients, temporaries)."""
 
@@ -155,7 +161,7 @@ def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> tuple[di
             b = built[variant]
             with paddle.static.scope_guard(b.scope):
                 for _ in range(steps):
-                    with _StepMemory() as used:  # read outside the timed region
+                    with StepMemory() as used:  # read outside the timed region
                         start = time.perf_counter()
                         exe.run(b.main, feed=feed, fetch_list=[b.loss])
                         times[variant].append(time.perf_counter() - start)
@@ -256,9 +262,7 @@ Reformat layers between them."""
 
 
 def report(spec, args, info, steps, memory, built, latency, kernels) -> str:
-    lines = [f"# paddle-qat benchmarks, {info['date']}", "",
-             "| machine | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    lines = header(f"paddle-qat benchmarks, {info['date']}", info)
     lines += ["", f"Model: {spec.name}, {spec.in_channels}x{spec.image_size}x"
               f"{spec.image_size}, {spec.classes} classes; ONNX Runtime threads: "
               f"{args.threads}.", "",

@@ -31,7 +31,7 @@ from paddle_qat import demo
 from paddle_qat.calibration import METHODS
 from paddle_qat.models import seed_argument
 
-from run import machine, write_report
+from run import header, machine, write_report
 
 PTQ_ROWS = tuple(f"PTQ w8a8 {method}" for method in METHODS)
 PAIRS = {  # pair name: (QAT row, PTQ rows it is compared with, best of them)
@@ -71,8 +71,7 @@ def margins(correct: dict[str, int]) -> dict[str, int]:
 
 
 def report(info: dict, args, per_seed: dict[int, dict[str, int]], images: int) -> str:
-    lines = ["# 8-bit QAT vs PTQ over seeds", "", "| machine | value |", "| --- | --- |"]
-    lines += [f"| {key} | {value} |" for key, value in info.items()]
+    lines = header("8-bit QAT vs PTQ over seeds", info)
     lines += ["", f"Correct of {images} test digits ({args.folds}-fold; FP32 {args.fp32_epochs} "
               f"epochs, QAT {args.qat_epochs}); the last columns are QAT minus PTQ.", "",
               "| seed | " + " | ".join(ROWS) + " | " + " | ".join(PAIRS) + " |",
