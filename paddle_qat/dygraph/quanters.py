@@ -35,17 +35,30 @@ def _round_clipped_(levels, qmax: int):
     return levels
 
 
-def _fake_quant(x, step, qmax: int):
-    """``x`` on the integer grid ``step`` x [-qmax - 1, qmax], computed in float32 like the
-    exported model; the gradient passes straight through (``x`` plus a detached offset)."""
+def _float32(x):
+    return x if x.dtype == paddle.float32 else x.astype("float32")
+
+
+def _onto_grid(x, x32, levels, step, qmax: int):
+    """``x`` moved to ``round(levels)`` x ``step``, ``levels`` clipped to [-qmax - 1, qmax]
+    (``levels`` is float32 ``x`` over its step, and is overwritten); the gradient passes
+    straight through: ``x`` plus a detached offset, formed in place in ``levels``."""
     with paddle.no_grad():
-        x32 = x if x.dtype == paddle.float32 else x.astype("float32")
-        offset = _round_clipped_(x32 / step, qmax)
+        offset = _round_clipped_(levels, qmax)
         offset.multiply_(step)
         offset.subtract_(x32)
         if offset.dtype != x.dtype:
             offset = offset.astype(x.dtype)
     return x + offset
+
+
+def _fake_quant(x, step, qmax: int):
+    """``x`` on the integer grid ``step`` x [-qmax - 1, qmax], computed in float32 like the
+    exported model (x / step, as QuantizeLinear); gradient straight through."""
+    with paddle.no_grad():
+        x32 = _float32(x)
+        levels = x32 / step
+    return _onto_grid(x, x32, levels, step, qmax)
 
 
 def _keep_fp32(layer) -> None:
@@ -133,7 +146,7 @@ class AbsMaxWeightQuanterLayer(BaseQuanter):
                                self._bit_length)
         shape = [1] * weight.ndim
         with paddle.no_grad():
-            w32 = weight if weight.dtype == paddle.float32 else weight.astype("float32")
+            w32 = _float32(weight)
             if self._axis >= 0:
                 reduce = [d for d in range(weight.ndim) if d != self._axis]
                 shape[self._axis] = -1
@@ -147,12 +160,9 @@ class AbsMaxWeightQuanterLayer(BaseQuanter):
             # export.qdq_insert.quantize_weight); w / (s / qmax) rounds a weight within an ulp
             # of a half step the other way (one weight of ResNet18's 11 M, measured)
             ratio = (self._qmax * (1.0 / scale)).reshape(shape)
-            offset = _round_clipped_(ratio * w32, self._qmax)
-            offset.multiply_((scale / self._qmax).reshape(shape))
-            offset.subtract_(w32)  # simulated - w, in place: one weight-sized temporary
-            if offset.dtype != weight.dtype:
-                offset = offset.astype(weight.dtype)
-        return weight + offset
+            levels = ratio * w32
+            step = (scale / self._qmax).reshape(shape)
+        return _onto_grid(weight, w32, levels, step, self._qmax)
 
     def bit_length(self):
         return self._bit_length
